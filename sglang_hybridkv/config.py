@@ -1,0 +1,188 @@
+"""HybridKVConfig: every knob of the method, validated, with CLI / environment / per-request mappings.
+
+One dataclass is the single source of truth: the SGLang plugin builds its ``--hybridkv-*`` flags from
+``FIELDS``, carries a config to scheduler processes as JSON in ``ENV_VAR``, and a request may override the
+subset in ``REQUEST_FIELDS``. Every validation error names the knob, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+POLICIES = ("none", "full", "snapkv", "hybridkv", "all_static", "all_dynamic")
+CLASSIFIERS = ("mass", "entropy", "topk_mass")
+ENV_VAR = "SGLANG_HYBRIDKV_CONFIG"
+# Knobs a single request may change; the rest shape server-wide memory and stay fixed.
+REQUEST_FIELDS = ("policy", "budget", "theta", "static_ratio", "top_k_chunks", "retrieval_interval")
+
+
+class ConfigError(ValueError):
+    """A knob has a value outside what is allowed. The message names knob, value and allowed range."""
+
+
+@dataclass(frozen=True)
+class HybridKVConfig:
+    """Knobs of HybridKV compression (see DESIGN.md §2 for the method).
+
+    Attributes:
+        policy: which compression policy runs after prefill ("none" disables the plugin).
+        budget: media tokens kept per KV head on the device, as a fraction of the media tokens (0, 1].
+        window: observation window, the last ``window`` prompt positions whose attention scores keys.
+        theta: attention mass a head's kept media tokens must hold to count as concentrated.
+        static_ratio: share of a layer's budget given to static heads; None splits by head count.
+        chunk_size: tokens per retrieval chunk (= page) for dynamic heads.
+        top_k_chunks: chunks a dynamic head retrieves per step; None derives it from its budget share.
+        retrieval_interval: decode steps between two chunk selections of a dynamic head.
+        sink: first prompt tokens always kept on the device.
+        recent: last prompt tokens always kept on the device (besides the observation window's text).
+        pool_kernel: width of the 1-D average pooling of text-prior scores (odd; 1 disables pooling).
+        classifier: how heads are classified: "mass" (θ-mass token count vs. budget share, the reference),
+            "entropy" or "topk_mass" (alternatives kept for the agreement study).
+        head_profile: optional path of a JSON per-model head profile that replaces per-request
+            classification: ``{"static": [[bool per KV head] per layer]}``.
+    """
+
+    policy: str = "hybridkv"
+    budget: float = 0.1
+    window: int = 32
+    theta: float = 0.9
+    static_ratio: float | None = None
+    chunk_size: int = 16
+    top_k_chunks: int | None = None
+    retrieval_interval: int = 1
+    sink: int = 4
+    recent: int = 0
+    pool_kernel: int = 7
+    classifier: str = "mass"
+    head_profile: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("policy", self.policy, POLICIES)
+        _choice("classifier", self.classifier, CLASSIFIERS)
+        _number("budget", self.budget, float, lo=0.0, hi=1.0, lo_open=True)
+        _number("theta", self.theta, float, lo=0.0, hi=1.0, lo_open=True)
+        if self.static_ratio is not None:
+            _number("static_ratio", self.static_ratio, float, lo=0.0, hi=1.0)
+        _number("window", self.window, int, lo=1, hi=4096)
+        _number("chunk_size", self.chunk_size, int, lo=1, hi=1024)
+        if self.top_k_chunks is not None:
+            _number("top_k_chunks", self.top_k_chunks, int, lo=1, hi=1 << 20)
+        _number("retrieval_interval", self.retrieval_interval, int, lo=1, hi=1 << 20)
+        _number("sink", self.sink, int, lo=0, hi=1 << 20)
+        _number("recent", self.recent, int, lo=0, hi=1 << 20)
+        _number("pool_kernel", self.pool_kernel, int, lo=1, hi=255)
+        if self.pool_kernel % 2 == 0:
+            raise ConfigError(f"pool_kernel={self.pool_kernel} is not allowed: it must be odd (1, 3, 5, ...)")
+        if self.head_profile is not None and not isinstance(self.head_profile, str):
+            raise ConfigError(f"head_profile={self.head_profile!r} is not allowed: it must be a file path")
+
+    @property
+    def enabled(self) -> bool:
+        """False for policy "none": the plugin then changes nothing."""
+        return self.policy != "none"
+
+    def replace(self, **changes: Any) -> "HybridKVConfig":
+        """A copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- mappings -------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HybridKVConfig":
+        """Build from a plain dict (JSON); unknown keys are an error naming them."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"hybridkv config must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown hybridkv knob(s) {unknown}; allowed: {sorted(FIELDS)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "HybridKVConfig | None":
+        """The config a parent process put in ``ENV_VAR``; None when it is unset."""
+        raw = (os.environ if environ is None else environ).get(ENV_VAR)
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{ENV_VAR} is not valid JSON ({e.msg} at char {e.pos})") from None
+        return cls.from_dict(data)
+
+    def with_request(self, params: Mapping[str, Any] | None) -> "HybridKVConfig":
+        """Apply one request's overrides (e.g. ``{"policy": "snapkv", "budget": 0.2}``).
+
+        Only ``REQUEST_FIELDS`` may change per request; anything else is an error naming the field.
+        """
+        if not params:
+            return self
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"hybridkv request parameters must be an object, got {type(params).__name__}")
+        bad = sorted(set(params) - set(REQUEST_FIELDS))
+        if bad:
+            raise ConfigError(f"hybridkv field(s) {bad} cannot be set per request; allowed: {list(REQUEST_FIELDS)}")
+        return self.replace(**dict(params))
+
+    # ---- CLI ------------------------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Add ``--kv-compression`` and ``--hybridkv-<knob>`` flags (values validated later, in one place)."""
+        group = parser.add_argument_group("HybridKV KV-cache compression (sglang-hybridkv)")
+        group.add_argument("--kv-compression", dest="kv_compression", default=None, choices=POLICIES,
+                           help="KV-cache compression policy applied after prefill (default: none)")
+        for f in dataclasses.fields(HybridKVConfig):
+            if f.name == "policy":
+                continue
+            group.add_argument(f"--hybridkv-{f.name.replace('_', '-')}", dest=f"hybridkv_{f.name}",
+                               type=_CLI_TYPES[f.name], default=None,
+                               help=f"HybridKV {f.name} (default {f.default!r})")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace | Mapping[str, Any]) -> "HybridKVConfig":
+        """Build from parsed CLI args (attributes ``kv_compression`` and ``hybridkv_<knob>``)."""
+        get = args.get if isinstance(args, Mapping) else lambda k, d=None: getattr(args, k, d)
+        values: dict[str, Any] = {"policy": get("kv_compression") or "none"}
+        for f in dataclasses.fields(cls):
+            v = get(f"hybridkv_{f.name}")
+            if f.name != "policy" and v is not None:
+                values[f.name] = v
+        return cls(**values)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(HybridKVConfig))
+
+
+def _optional_int(s: str) -> int | None:
+    return None if s.lower() in ("none", "auto") else int(s)
+
+
+def _optional_float(s: str) -> float | None:
+    return None if s.lower() in ("none", "auto") else float(s)
+
+
+_CLI_TYPES = {
+    "budget": float, "window": int, "theta": float, "static_ratio": _optional_float, "chunk_size": int,
+    "top_k_chunks": _optional_int, "retrieval_interval": int, "sink": int, "recent": int,
+    "pool_kernel": int, "classifier": str, "head_profile": str,
+}
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed: choose one of {list(allowed)}")
+
+
+def _number(name: str, value: Any, kind: type, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be {'a number' if kind is float else 'an integer'}")
+    if value != value or value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise ConfigError(f"{name}={value!r} is out of range: allowed {left}{lo}, {hi}]")

@@ -1,0 +1,64 @@
+"""What a policy decides for one layer of one request, before any KV is moved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """Per-layer inputs of a policy, computed once at the end of prefill.
+
+    Attributes:
+        window_probs: ``(num_q_heads, w, seq_len)`` observation-window attention (None for the full policy).
+        media_mask: ``(seq_len,)`` bool, True on media tokens.
+        num_kv_heads: KV heads of the layer.
+        layer_idx: index of the layer (head profiles are per layer).
+    """
+
+    window_probs: torch.Tensor | None
+    media_mask: torch.Tensor
+    num_kv_heads: int
+    layer_idx: int = 0
+
+
+@dataclass
+class LayerPlan:
+    """Which prompt tokens each KV head keeps and where.
+
+    Attributes:
+        static: ``(H,)`` bool; dynamic heads are the others.
+        keep_idx: ``(H, P)`` long prompt positions each head keeps on the device, ascending, padded with 0.
+        keep_len: ``(H,)`` long, valid entries of ``keep_idx``.
+        host_idx: ``(n_host,)`` long prompt positions a dynamic head moves to the host tier (selectable media),
+            empty when the layer has no dynamic head.
+        top_k: chunks a dynamic head retrieves per decode step.
+        chunk_size: tokens per chunk.
+        need: ``(H,)`` long θ-mass token count per head (0 where not computed), for reports.
+    """
+
+    static: torch.Tensor
+    keep_idx: torch.Tensor
+    keep_len: torch.Tensor
+    host_idx: torch.Tensor
+    top_k: int
+    chunk_size: int
+    need: torch.Tensor
+
+    @property
+    def num_static(self) -> int:
+        return int(self.static.sum())
+
+    @property
+    def num_dynamic(self) -> int:
+        return int((~self.static).sum())
+
+
+def text_only_media_mask(seq_len: int, window: int) -> torch.Tensor:
+    """Media mask for a text-only request: the long context before the question (the last ``window``
+    positions, the observation window) plays the role of the media span."""
+    mask = torch.ones(seq_len, dtype=torch.bool)
+    mask[max(0, seq_len - window):] = False
+    return mask

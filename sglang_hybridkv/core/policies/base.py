@@ -1,0 +1,80 @@
+"""Base class of compression policies: the shared mechanics; subclasses answer two questions.
+
+A policy decides, per layer, (1) which KV heads are static and (2) how many media tokens each head keeps on
+the device. Everything else — scoring media by the observation window, pooling, keeping text/sink/recent
+tokens, choosing what goes to the host tier — is the same for every policy and lives here.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+import torch
+
+from ...config import HybridKVConfig
+from ..budget import HeadBudget, allocate
+from ..classify import concentration
+from ..plan import LayerPlan, LayerStats
+from ..select import always_kept, pool_scores, select_tokens
+from ..window import group_mean
+
+
+class CompressionPolicy:
+    """One compression policy. Subclasses set ``name`` and override :meth:`head_types` / :meth:`budgets`."""
+
+    name = "base"
+    needs_window = True
+
+    def __init__(self, config: HybridKVConfig) -> None:
+        self.config = config
+
+    # ---- the two questions --------------------------------------------------------------------------
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """``(H,)`` bool, True for static heads."""
+        raise NotImplementedError
+
+    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int) -> HeadBudget:
+        """Per-head device budget in media tokens (see :func:`core.budget.allocate`)."""
+        c = self.config
+        return allocate(static, need, n_media, c.budget, c.chunk_size, c.static_ratio, c.top_k_chunks)
+
+    # ---- shared mechanics ---------------------------------------------------------------------------
+    def plan(self, stats: LayerStats) -> LayerPlan:
+        """Decide what each head of one layer keeps. See :class:`LayerPlan`."""
+        c = self.config
+        h = stats.num_kv_heads
+        keep_always = always_kept(stats.media_mask, c.sink, c.recent)
+        media_idx = (~keep_always).nonzero().flatten()
+        n_media = media_idx.numel()
+        probs = stats.window_probs
+        need = concentration(probs, media_idx, h, c.theta) if n_media else torch.zeros(h, dtype=torch.long)
+        static = self.head_types(stats, media_idx, need).cpu()
+        budget = self.budgets(static, need.cpu(), n_media)
+        scores = pool_scores(group_mean(probs.mean(1), h), c.pool_kernel)
+        per_head = torch.where(static, budget.tokens, torch.zeros_like(budget.tokens))
+        keep_idx, keep_len = select_tokens(scores, keep_always, per_head)
+        host_idx = media_idx if bool((~static).any()) else media_idx[:0]
+        return LayerPlan(static, keep_idx, keep_len, host_idx, budget.top_k, c.chunk_size, need.cpu())
+
+    @cached_property
+    def head_profile(self) -> list[list[bool]] | None:
+        """Per-layer static flags loaded from ``config.head_profile`` (None when not set)."""
+        path = self.config.head_profile
+        if path is None:
+            return None
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("static"), list):
+            raise ValueError(f"head_profile {path!r} must be a JSON object with a 'static' list per layer")
+        return data["static"]
+
+    def profile_types(self, stats: LayerStats) -> torch.Tensor | None:
+        """Static flags for this layer from the head profile, or None when no profile is loaded."""
+        prof = self.head_profile
+        if prof is None:
+            return None
+        if stats.layer_idx >= len(prof) or len(prof[stats.layer_idx]) != stats.num_kv_heads:
+            raise ValueError(f"head_profile {self.config.head_profile!r} has no entry of {stats.num_kv_heads} "
+                             f"KV heads for layer {stats.layer_idx}")
+        return torch.tensor(prof[stats.layer_idx], dtype=torch.bool)

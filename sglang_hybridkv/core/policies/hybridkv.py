@@ -1,0 +1,21 @@
+"""HybridKV: classify heads, allocate top-down, prune static heads, retrieve chunks for dynamic heads."""
+
+from __future__ import annotations
+
+import torch
+
+from ..classify import classify_static, share_tokens
+from ..plan import LayerStats
+from .base import CompressionPolicy
+
+
+class HybridKVPolicy(CompressionPolicy):
+    name = "hybridkv"
+
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        fixed = self.profile_types(stats)
+        if fixed is not None:
+            return fixed
+        c = self.config
+        share = share_tokens(c.budget, media_idx.numel())
+        return classify_static(stats.window_probs, media_idx, stats.num_kv_heads, c.theta, share, c.classifier)

@@ -1,0 +1,25 @@
+"""SnapKV: every head keeps the same number of media tokens, chosen by pooled observation-window attention.
+
+Budget unit and always-kept text are the same as HybridKV's, so the comparison isolates HybridKV's two
+additions: need-weighted allocation and chunk retrieval for dynamic heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..budget import HeadBudget
+from ..classify import share_tokens
+from ..plan import LayerStats
+from .base import CompressionPolicy
+
+
+class SnapKVPolicy(CompressionPolicy):
+    name = "snapkv"
+
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        return torch.ones(stats.num_kv_heads, dtype=torch.bool)
+
+    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int) -> HeadBudget:
+        share = share_tokens(self.config.budget, n_media)
+        return HeadBudget(static.clone(), torch.full_like(need, share), 0)

@@ -1,0 +1,55 @@
+"""Stage 3a: text-prior selection for static heads (and SnapKV).
+
+Every text token is kept; so are the first ``sink`` and last ``recent`` prompt tokens. Of the media tokens,
+each head keeps the ``budget_h`` whose locally pooled window attention is highest; the rest are dropped for
+good. Pooling keeps neighbours of a hit together, which matters for media where one object spans tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average-pool ``(H, seq_len)`` scores along the sequence with an odd ``kernel`` (same length out)."""
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    return F.avg_pool1d(scores[:, None].float(), kernel, stride=1, padding=kernel // 2,
+                        count_include_pad=False)[:, 0]
+
+
+def always_kept(media_mask: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """``(seq_len,)`` bool: tokens every head keeps on the device: text, sink and recent tokens."""
+    seq_len = media_mask.numel()
+    pos = torch.arange(seq_len, device=media_mask.device)
+    return ~media_mask | (pos < sink) | (pos >= seq_len - recent)
+
+
+def select_tokens(scores: torch.Tensor, keep_always: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices each head keeps: ``keep_always`` plus its ``budget[h]`` best-scoring other tokens.
+
+    Args:
+        scores: ``(H, seq_len)`` pooled scores.
+        keep_always: ``(seq_len,)`` bool.
+        budget: ``(H,)`` long, selectable tokens kept per head (clipped to what is selectable).
+    Returns:
+        ``indices``: ``(H, max_kept)`` long, ascending positions per head, padded with 0 beyond ``lengths``;
+        ``lengths``: ``(H,)`` long.
+    """
+    h, seq_len = scores.shape
+    n_sel = int((~keep_always).sum())
+    b = budget.clamp(min=0, max=n_sel).to(scores.device)
+    masked = scores.float().masked_fill(keep_always[None], float("-inf"))
+    k = int(b.max()) if h else 0
+    keep = keep_always[None].expand(h, seq_len).clone()
+    if k > 0:
+        top = masked.topk(k, dim=-1).indices  # (H, k)
+        rank_ok = torch.arange(k, device=scores.device)[None] < b[:, None]
+        keep.scatter_(1, top, rank_ok | keep.gather(1, top))
+    lengths = keep.sum(-1)
+    width = int(lengths.max()) if h else 0
+    # Stable sort puts kept positions first in ascending order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    order = order.masked_fill(torch.arange(width, device=scores.device)[None] >= lengths[:, None], 0)
+    return order, lengths

@@ -1,0 +1,63 @@
+"""A tiny random-weight Qwen2.5-VL built offline, for exercising the multimodal path on CPU.
+
+Qwen2.5-VL's real special-token ids are kept (151652 vision_start, 151653 vision_end, 151655 image_pad), so
+the same ids work with a tokenizer that carries Qwen2.5's vocabulary. Head size 64 needs
+``mrope_section=[8, 12, 12]`` (it must sum to head_dim / 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
+VOCAB = 151936
+
+
+def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2):
+    """Config of a ~20 M-parameter Qwen2.5-VL (most of it the embedding of the real vocabulary size)."""
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = 64
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": VOCAB, "hidden_size": head_dim * num_heads, "intermediate_size": 256,
+            "num_hidden_layers": layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "mrope_section": [8, 12, 12]},
+            "tie_word_embeddings": False, "initializer_range": 0.2,
+        },
+        vision_config={
+            "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size":
+            head_dim * num_heads, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "window_size": 56, "fullatt_block_indexes": [1],
+        },
+        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen2_5_vl(seed: int = 0, **kw):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` in float32, eval mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**kw)).float().eval()
+
+
+def image_inputs(text_before: list[int], text_after: list[int], grid: tuple[int, int, int] = (1, 8, 8),
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for one image between two text spans, as Qwen2.5-VL's processor would build them.
+
+    ``grid`` is (t, h, w) in patches; the image occupies ``t*h*w/4`` pad tokens (2x2 spatial merge).
+    Returns ``input_ids (1, L)``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` and the
+    ``media_mask (L,)`` of image-pad positions.
+    """
+    t, h, w = grid
+    n_img = t * h * w // 4
+    ids = text_before + [VISION_START] + [IMAGE_PAD] * n_img + [VISION_END] + text_after
+    input_ids = torch.tensor([ids])
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g)
+    media = input_ids[0] == IMAGE_PAD
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "image_grid_thw": torch.tensor([[t, h, w]]),
+            "mm_token_type_ids": media.int()[None], "media_mask": media}

@@ -1,0 +1,152 @@
+"""Policies plan layers; compaction frees memory; decode attention over the compressed cache is right."""
+
+import pytest
+import torch
+
+from sglang_hybridkv.config import HybridKVConfig
+from sglang_hybridkv.core.attention import decode_attention
+from sglang_hybridkv.core.cache import CompressedLayer
+from sglang_hybridkv.core.plan import LayerStats, text_only_media_mask
+from sglang_hybridkv.core.policies import POLICY_CLASSES, make_policy
+from sglang_hybridkv.core.window import window_attention
+
+D = 16
+
+
+def _layer(h, group, seq_len, n_new, w=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(h, seq_len + n_new, D, generator=g).to(dtype)
+    v = torch.randn(h, seq_len + n_new, D, generator=g).to(dtype)
+    q = torch.randn(h * group, seq_len + n_new, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, seq_len):
+    """Plain causal GQA attention of positions >= seq_len over everything before them (SDPA)."""
+    h = k.shape[0]
+    group = q.shape[0] // h
+    kk, vv = k.repeat_interleave(group, 0).float(), v.repeat_interleave(group, 0).float()
+    n = k.shape[1]
+    mask = torch.arange(n)[None] <= torch.arange(seq_len, n)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, seq_len:].float(), kk, vv, attn_mask=mask)
+    return out.transpose(0, 1)  # (T, Hq, D)
+
+
+def _compress(policy, budget, q, k, v, seq_len, media=None, w=4, **kw):
+    cfg = HybridKVConfig(policy=policy, budget=budget, window=w, **kw)
+    media = text_only_media_mask(seq_len, w) if media is None else media
+    probs = window_attention(q[:, seq_len - w:seq_len], k[:, :seq_len], D ** -0.5)
+    plan = make_policy(cfg).plan(LayerStats(probs, media, k.shape[0]))
+    return plan, CompressedLayer(plan, k[:, :seq_len], v[:, :seq_len]), cfg
+
+
+@pytest.mark.parametrize("group", [1, 2, 7])
+@pytest.mark.parametrize("policy", ["full", "hybridkv", "snapkv", "all_static", "all_dynamic"])
+@pytest.mark.parametrize("seq_len", [5, 16, 37])
+def test_budget_one_is_exact(group, policy, seq_len):
+    """At budget 1.0 every policy keeps (or retrieves) everything: output equals full attention."""
+    q, k, v = _layer(2, group, seq_len, n_new=3, seed=group + seq_len)
+    plan, layer, cfg = _compress(policy, 1.0, q, k, v, seq_len)
+    out = decode_attention(layer, q[:, seq_len:].transpose(0, 1), k[:, seq_len:].transpose(0, 1),
+                           v[:, seq_len:].transpose(0, 1), D ** -0.5)
+    torch.testing.assert_close(out, _reference(q, k, v, seq_len), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_teacher_forcing_equals_single_steps(interval, group):
+    """T tokens in one call give what T one-token calls give, retrieval interval included."""
+    seq_len, t = 70, 7
+    q, k, v = _layer(3, group, seq_len, t, seed=5)
+    outs = []
+    for chunked in (False, True):
+        _, layer, _ = _compress("all_dynamic", 0.2, q, k, v, seq_len, retrieval_interval=interval)
+        qs, ks, vs = (x[:, seq_len:].transpose(0, 1) for x in (q, k, v))
+        if chunked:
+            outs.append(decode_attention(layer, qs, ks, vs, D ** -0.5, interval))
+        else:
+            outs.append(torch.cat([decode_attention(layer, qs[i:i + 1], ks[i:i + 1], vs[i:i + 1], D ** -0.5,
+                                                    interval) for i in range(t)]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_head_matches_attention_over_its_retrieved_chunks():
+    """A dynamic head's output is exact attention over text + the chunks its query scores highest."""
+    seq_len, w = 69, 4
+    q, k, v = _layer(1, 2, seq_len, 1, seed=11)
+    plan, layer, cfg = _compress("all_dynamic", 0.1, q, k, v, seq_len, w=w, sink=0)
+    assert plan.top_k == 1  # 65 media tokens * 0.1 -> 6 tokens -> at least one chunk
+    qn = q[:, seq_len:].transpose(0, 1)
+    out = decode_attention(layer, qn, k[:, seq_len:].transpose(0, 1), v[:, seq_len:].transpose(0, 1), D ** -0.5)
+    # Independent check: the chunk with the best Quest bound, then plain attention over the kept set.
+    media = k[0, : seq_len - w]
+    best, best_c = -torch.inf, None
+    for c in range(0, media.shape[0], 16):
+        blk = media[c:c + 16]
+        bound = max(float(torch.maximum(qn[0, g] * blk.amin(0), qn[0, g] * blk.amax(0)).sum()) for g in range(2))
+        if bound > best:
+            best, best_c = bound, c
+    keep = list(range(best_c, min(best_c + 16, seq_len - w))) + list(range(seq_len - w, seq_len + 1))
+    ref = _reference(q[:, keep], k[:, keep], v[:, keep], len(keep) - 1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_compaction_frees_memory_and_reports_tiers():
+    seq_len = 1000
+    q, k, v = _layer(4, 2, seq_len, 0, w=32, seed=3)
+    media = text_only_media_mask(seq_len, 32)
+    for policy in ("snapkv", "all_static", "all_dynamic", "hybridkv"):
+        plan, layer, _ = _compress(policy, 0.1, q, k, v, seq_len, media=media, w=32)
+        b = layer.nbytes()
+        assert b.full == 4 * seq_len * 2 * D * 4
+        # Device holds ~10 % of media plus text/sink; the dropped KV is not referenced any more.
+        assert b.ratio > 4, (policy, b)
+        assert layer.k_dev.shape[1] < seq_len / 4
+        if plan.num_dynamic:
+            assert b.host == plan.num_dynamic * plan.host_idx.numel() * 2 * D * 4
+        else:
+            assert b.host == 0
+
+
+@pytest.mark.parametrize("policy", sorted(POLICY_CLASSES))
+def test_edge_cases(policy):
+    # One-token prompt, all text: nothing to compress.
+    q, k, v = _layer(2, 2, 1, 1, seed=1)
+    plan, layer, _ = _compress(policy, 0.1, q, k, v, 1, w=1)
+    assert plan.keep_len.tolist() == [1, 1]
+    out = decode_attention(layer, q[:, 1:].transpose(0, 1), k[:, 1:].transpose(0, 1), v[:, 1:].transpose(0, 1), D ** -0.5)
+    torch.testing.assert_close(out, _reference(q, k, v, 1), rtol=1e-4, atol=1e-5)
+    # No media tokens at all: every head keeps everything.
+    q, k, v = _layer(2, 2, 20, 1, seed=2)
+    plan, _, _ = _compress(policy, 0.1, q, k, v, 20, media=torch.zeros(20, dtype=torch.bool))
+    assert plan.keep_len.tolist() == [20, 20] and plan.host_idx.numel() == 0
+    # Fewer media tokens than one chunk, budget below one token.
+    q, k, v = _layer(2, 2, 12, 1, seed=4)
+    plan, layer, _ = _compress(policy, 0.05, q, k, v, 12, w=4, sink=0)
+    assert layer.nbytes().device > 0
+
+
+def test_budget_bounds_static_heads():
+    seq_len, w = 400, 8
+    q, k, v = _layer(4, 2, seq_len, 0, seed=9)
+    plan, _, cfg = _compress("snapkv", 0.1, q, k, v, seq_len, w=w, sink=4)
+    n_media = seq_len - w - 4
+    assert plan.keep_len.tolist() == [int(0.1 * n_media) + w + 4] * 4
+    plan, _, _ = _compress("all_static", 0.1, q, k, v, seq_len, w=w, sink=4)
+    assert int((plan.keep_len - w - 4).sum()) <= 0.1 * n_media * 4 + 1e-6
+
+
+def test_head_profile_replaces_classification(tmp_path):
+    prof = tmp_path / "profile.json"
+    prof.write_text('{"static": [[true, false]]}')
+    q, k, v = _layer(2, 2, 100, 0, seed=3)
+    plan, _, _ = _compress("hybridkv", 0.1, q, k, v, 100, head_profile=str(prof))
+    assert plan.static.tolist() == [True, False]
+    prof.write_text('{"static": [[true]]}')
+    with pytest.raises(ValueError, match="no entry of 2 KV heads for layer 0"):
+        _compress("hybridkv", 0.1, q, k, v, 100, head_profile=str(prof))
+
+
+def test_none_policy_is_not_a_compressor():
+    with pytest.raises(ValueError, match="does not compress"):
+        make_policy(HybridKVConfig(policy="none"))

@@ -1,0 +1,65 @@
+import argparse
+import json
+
+import pytest
+
+from sglang_hybridkv.config import ENV_VAR, ConfigError, HybridKVConfig
+
+
+@pytest.mark.parametrize("knob,value,words", [
+    ("budget", 0.0, ["budget=0.0", "(0.0, 1.0]"]),
+    ("budget", 1.5, ["budget=1.5", "out of range"]),
+    ("budget", "0.1", ["budget='0.1'", "number"]),
+    ("theta", -0.1, ["theta=-0.1"]),
+    ("window", 0, ["window=0", "[1, 4096]"]),
+    ("chunk_size", 2.5, ["chunk_size=2.5", "integer"]),
+    ("pool_kernel", 4, ["pool_kernel=4", "odd"]),
+    ("policy", "h2o", ["policy='h2o'", "hybridkv", "snapkv"]),
+    ("classifier", "x", ["classifier='x'", "entropy"]),
+    ("retrieval_interval", 0, ["retrieval_interval=0"]),
+    ("top_k_chunks", True, ["top_k_chunks=True", "integer"]),
+    ("static_ratio", float("nan"), ["static_ratio=nan"]),
+])
+def test_bad_values_name_knob_value_and_range(knob, value, words):
+    with pytest.raises(ConfigError) as e:
+        HybridKVConfig(**{knob: value})
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cli_round_trip_and_defaults():
+    parser = argparse.ArgumentParser()
+    HybridKVConfig.add_cli_args(parser)
+    args = parser.parse_args(["--kv-compression", "snapkv", "--hybridkv-budget", "0.2",
+                              "--hybridkv-top-k-chunks", "auto", "--hybridkv-static-ratio", "0.3"])
+    cfg = HybridKVConfig.from_cli(args)
+    assert (cfg.policy, cfg.budget, cfg.top_k_chunks, cfg.static_ratio) == ("snapkv", 0.2, None, 0.3)
+    assert cfg.window == HybridKVConfig().window
+    assert not HybridKVConfig.from_cli(parser.parse_args([])).enabled
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-compression", "bogus"])
+    with pytest.raises(ConfigError, match="budget=2.0"):
+        HybridKVConfig.from_cli(parser.parse_args(["--kv-compression", "hybridkv", "--hybridkv-budget", "2"]))
+
+
+def test_env_round_trip_and_errors():
+    cfg = HybridKVConfig(policy="all_dynamic", budget=0.05, chunk_size=32)
+    assert HybridKVConfig.from_env({ENV_VAR: cfg.to_json()}) == cfg
+    assert HybridKVConfig.from_env({}) is None
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        HybridKVConfig.from_env({ENV_VAR: "{budget"})
+    with pytest.raises(ConfigError, match="unknown hybridkv knob"):
+        HybridKVConfig.from_dict({**json.loads(cfg.to_json()), "bugdet": 0.1})
+
+
+def test_per_request_overrides():
+    base = HybridKVConfig(budget=0.1)
+    assert base.with_request(None) is base
+    cfg = base.with_request({"policy": "snapkv", "budget": 0.25})
+    assert (cfg.policy, cfg.budget, cfg.chunk_size) == ("snapkv", 0.25, base.chunk_size)
+    with pytest.raises(ConfigError, match=r"\['chunk_size'\] cannot be set per request"):
+        base.with_request({"chunk_size": 8})
+    with pytest.raises(ConfigError, match="budget=-1"):
+        base.with_request({"budget": -1})
+    with pytest.raises(ConfigError, match="must be an object"):
+        base.with_request([("budget", 0.2)])
