@@ -38,6 +38,8 @@ class HybridKVConfig:
         chunk_size: tokens per retrieval chunk (= page) for dynamic heads.
         top_k_chunks: chunks a dynamic head retrieves per step; None derives it from its budget share.
         retrieval_interval: decode steps between two chunk selections of a dynamic head.
+        chunk_score_scale: weight of the min/max box half-width in chunk scores (1.0 = Quest's upper bound;
+            see ``core/chunks.py`` for the measurement behind the default).
         sink: first prompt tokens always kept on the device.
         recent: last prompt tokens always kept on the device (besides the observation window's text).
         pool_kernel: width of the 1-D average pooling of text-prior scores (odd; 1 disables pooling).
@@ -55,6 +57,7 @@ class HybridKVConfig:
     chunk_size: int = 16
     top_k_chunks: int | None = None
     retrieval_interval: int = 1
+    chunk_score_scale: float = 0.25
     sink: int = 4
     recent: int = 0
     pool_kernel: int = 7
@@ -73,6 +76,7 @@ class HybridKVConfig:
         if self.top_k_chunks is not None:
             _number("top_k_chunks", self.top_k_chunks, int, lo=1, hi=1 << 20)
         _number("retrieval_interval", self.retrieval_interval, int, lo=1, hi=1 << 20)
+        _number("chunk_score_scale", self.chunk_score_scale, float, lo=0.0, hi=1.0)
         _number("sink", self.sink, int, lo=0, hi=1 << 20)
         _number("recent", self.recent, int, lo=0, hi=1 << 20)
         _number("pool_kernel", self.pool_kernel, int, lo=1, hi=255)
@@ -169,7 +173,7 @@ def _optional_float(s: str) -> float | None:
 
 _CLI_TYPES = {
     "budget": float, "window": int, "theta": float, "static_ratio": _optional_float, "chunk_size": int,
-    "top_k_chunks": _optional_int, "retrieval_interval": int, "sink": int, "recent": int,
+    "top_k_chunks": _optional_int, "retrieval_interval": int, "chunk_score_scale": float, "sink": int, "recent": int,
     "pool_kernel": int, "classifier": str, "head_profile": str,
 }
 

@@ -13,7 +13,7 @@ from .cache import CompressedLayer
 from .chunks import chunk_tokens, score_chunks, top_chunks
 
 
-def select_for_steps(layer: CompressedLayer, q: torch.Tensor, interval: int) -> torch.Tensor:
+def select_for_steps(layer: CompressedLayer, q: torch.Tensor, interval: int, scale: float) -> torch.Tensor:
     """Chunk ids per new token, honouring the retrieval interval.
 
     Args:
@@ -21,7 +21,7 @@ def select_for_steps(layer: CompressedLayer, q: torch.Tensor, interval: int) -> 
     Returns: ``(T, H_d, k)``; step ``s`` uses the selection made at step ``s - s % interval``.
     """
     t = q.shape[0]
-    fresh = top_chunks(score_chunks(q, layer.kmin, layer.kmax), layer.top_k)  # (T, H_d, k)
+    fresh = top_chunks(score_chunks(q, layer.kmin, layer.kmax, scale), layer.top_k)  # (T, H_d, k)
     steps = torch.arange(layer.steps, layer.steps + t)
     anchor = steps - steps % interval
     out = fresh[(anchor - layer.steps).clamp(min=0)]
@@ -35,7 +35,7 @@ def select_for_steps(layer: CompressedLayer, q: torch.Tensor, interval: int) -> 
 
 
 def decode_attention(layer: CompressedLayer, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                     scaling: float, retrieval_interval: int = 1) -> torch.Tensor:
+                     scaling: float, retrieval_interval: int = 1, chunk_score_scale: float = 0.25) -> torch.Tensor:
     """Attention of ``T`` new tokens over the compressed layer; appends their KV first.
 
     Args:
@@ -60,7 +60,7 @@ def decode_attention(layer: CompressedLayer, q: torch.Tensor, k_new: torch.Tenso
     n_host = layer.k_host.shape[1]
     if layer.dyn_heads.numel() and n_host and layer.top_k:
         dyn = layer.dyn_heads
-        ids = select_for_steps(layer, qg[:, dyn], retrieval_interval)
+        ids = select_for_steps(layer, qg[:, dyn], retrieval_interval, chunk_score_scale)
         tok, ok = chunk_tokens(ids, layer.chunk_size, n_host)  # (T, H_d, k*c)
         host_dev = layer.k_host.device
         gidx = tok.to(host_dev)[..., None].expand(-1, -1, -1, d)

@@ -110,7 +110,7 @@ class _Decode:
         # query (Hq, T, D), key/value (H, T, D) -> (T, Hq, D)
         layer = self.cache.layers[layer_idx]
         return decode_attention(layer, query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                                scaling, self.cache.config.retrieval_interval)
+                                scaling, self.cache.config.retrieval_interval, self.cache.config.chunk_score_scale)
 
 
 class HybridKVRunner:

@@ -74,10 +74,11 @@ def test_dynamic_head_matches_attention_over_its_retrieved_chunks():
     """A dynamic head's output is exact attention over text + the chunks its query scores highest."""
     seq_len, w = 69, 4
     q, k, v = _layer(1, 2, seq_len, 1, seed=11)
-    plan, layer, cfg = _compress("all_dynamic", 0.1, q, k, v, seq_len, w=w, sink=0)
+    plan, layer, cfg = _compress("all_dynamic", 0.1, q, k, v, seq_len, w=w, sink=0, chunk_score_scale=1.0)
     assert plan.top_k == 1  # 65 media tokens * 0.1 -> 6 tokens -> at least one chunk
     qn = q[:, seq_len:].transpose(0, 1)
-    out = decode_attention(layer, qn, k[:, seq_len:].transpose(0, 1), v[:, seq_len:].transpose(0, 1), D ** -0.5)
+    out = decode_attention(layer, qn, k[:, seq_len:].transpose(0, 1), v[:, seq_len:].transpose(0, 1), D ** -0.5,
+                           chunk_score_scale=1.0)
     # Independent check: the chunk with the best Quest bound, then plain attention over the kept set.
     media = k[0, : seq_len - w]
     best, best_c = -torch.inf, None
