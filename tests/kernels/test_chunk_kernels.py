@@ -77,3 +77,24 @@ def test_select_pages_returns_host_page_ids():
     chunk_pages = torch.tensor([40, 41, 42, 77], dtype=torch.int32)
     pages, counts = select_pages(scores, 2, indptr, chunk_pages)
     assert pages.tolist() == [[41, 42], [77, -1]] and counts.tolist() == [2, 1]
+
+
+def test_join_retrieved_prepends_full_pages_and_keeps_partial_last():
+    from sglang_hybridkv.kernels.page_lists import join_retrieved
+
+    indptr = torch.tensor([0, 2, 3, 3, 5], dtype=torch.int32)
+    indices = torch.tensor([10, 11, 20, 40, 41], dtype=torch.int32)
+    dyn = torch.tensor([1, 2], dtype=torch.int32)
+    sel = torch.tensor([[7, 8, -1], [5, -1, -1]], dtype=torch.int32)
+    new_indptr, new_indices = join_retrieved(indptr, indices, dyn, sel, torch.tensor([2, 1]))
+    assert new_indptr.tolist() == [0, 2, 5, 6, 8]
+    assert new_indices.tolist() == [10, 11, 7, 8, 20, 5, 40, 41]
+
+
+def test_fetch_pages_copies_into_buffer():
+    from sglang_hybridkv.kernels.page_lists import fetch_pages
+
+    hk, hv = torch.randn(6, PAGE, D), torch.randn(6, PAGE, D)
+    dk, dv = torch.zeros(4, PAGE, D), torch.zeros(4, PAGE, D)
+    fetch_pages(hk, hv, torch.tensor([5, -1, 2]), dk, dv, torch.tensor([0, 1, 3]))
+    assert torch.equal(dk[0], hk[5]) and torch.equal(dv[3], hv[2]) and torch.all(dk[1] == 0)

@@ -68,3 +68,20 @@ def test_plan_splits_long_sequences():
     q, kp, vp, indptr, indices, last = _batch(lens, 2, torch.float32, "cpu")
     plan = PagedDecodePlan(indptr, last, PAGE, 2, D, pages_per_split=16)
     assert plan.num_splits == 3 and plan.seq_lens.tolist() == lens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 7, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flashinfer_path_checked_against_reference(group, dtype):
+    pytest.importorskip("flashinfer")
+    from sglang_hybridkv.kernels.flashinfer_decode import choose_decode_path
+
+    lens = [1, 17, 300, 1024]
+    q, kp, vp, indptr, indices, last = _batch(lens, group, dtype, "cuda")
+    plan = PagedDecodePlan(indptr, last, PAGE, group, D)
+    res = choose_decode_path(plan, q, kp, vp, indices, D ** -0.5)
+    assert res["triton_error"] <= 2e-2
+    # Whatever is chosen must be numerically right on this shape.
+    chosen_error = res["flashinfer_error"] if res["choice"] == "flashinfer" else res["triton_error"]
+    assert chosen_error <= 2e-2, res

@@ -1,0 +1,166 @@
+"""Attention backend "hybridkv" (CPU torch path): stock extend attention, compaction at the end of each request's
+prefill, and decode over the compressed region.
+
+Prefill (chunked prefill included) is SGLang's torch_native extend over the staging pool. In the chunk that
+completes a request's prompt, each layer, right after its stock attention, scores the prompt with the
+observation window, plans per KV head (``core.policies``) and compacts what survives into the compressed region
+(``core.cache.CompressedLayer``: per-head device KV, host tier for dynamic heads, chunk summaries). After the last
+layer the prompt's staging slots are freed, so the scheduler can admit more requests at once. Decode reads the
+compressed prompt plus the request's generated tokens, which stay in staging slots the scheduler accounts for.
+Requests that compress nothing (policy "none" per request) take the stock path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from ..config import HybridKVConfig
+from ..core.attention import decode_attention
+from ..core.cache import CompressedLayer
+from ..core.plan import LayerStats, text_only_media_mask
+from ..core.policies import make_policy
+from ..core.window import window_attention
+from .store import STORE, RequestKV
+
+logger = logging.getLogger("sglang_hybridkv")
+
+
+@dataclass
+class _Finishing:
+    """A request whose prompt completes in this extend batch."""
+
+    index: int  # position in the batch
+    row: int
+    q_start: int  # first query row of this request in the batch
+    q_len: int
+    seq_len: int
+    window: int
+    req: RequestKV
+    media_mask: torch.Tensor
+
+
+class HybridKVTorchBackend(TorchNativeAttnBackend):
+    """See the module docstring. Metadata is built once per batch in :meth:`init_forward_metadata`."""
+
+    def __init__(self, model_runner, config: HybridKVConfig) -> None:
+        super().__init__(model_runner)
+        self.config = config
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        self.last_layer = model_runner.model_config.num_hidden_layers - 1
+        self._finishing: list[_Finishing] = []
+        self._policies: dict[HybridKVConfig, object] = {}
+
+    # ---- metadata, once per batch ------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch) -> None:
+        super().init_forward_metadata(forward_batch)
+        self._finishing = []
+        if not forward_batch.forward_mode.is_extend() or forward_batch.forward_mode.is_target_verify():
+            return
+        rows = forward_batch.req_pool_indices.tolist()
+        seq_lens = forward_batch.seq_lens_cpu.tolist()
+        ext = forward_batch.extend_seq_lens_cpu
+        q_start = 0
+        for i, row in enumerate(rows):
+            q_len = int(ext[i])
+            info = STORE.pending.get(row)
+            if info is not None and seq_lens[i] == info["full_len"] and info["config"] is not None \
+                    and info["config"].enabled and seq_lens[i] > 0:
+                cfg = info["config"]
+                w = max(1, min(cfg.window, q_len, seq_lens[i]))
+                mask = info["media_mask"]
+                if mask is None:
+                    mask = text_only_media_mask(seq_lens[i], w)
+                mask = mask.clone()
+                mask[seq_lens[i] - w:] = False  # the observation window is the question: kept, never media
+                req = RequestKV(info["rid"], cfg, seq_lens[i])
+                del STORE.pending[row]
+                self._finishing.append(_Finishing(i, row, q_start, q_len, seq_lens[i], w, req, mask))
+            q_start += q_len
+
+    def _policy(self, cfg: HybridKVConfig):
+        if cfg not in self._policies:
+            self._policies[cfg] = make_policy(cfg.replace(policy="full") if cfg.policy == "none" else cfg)
+        return self._policies[cfg]
+
+    # ---- prefill ------------------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if not self._finishing or layer.is_cross_attention:
+            return o
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        q_all = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        req_to_token = self.req_to_token_pool.req_to_token
+        for f in self._finishing:
+            slots = req_to_token[f.row, : f.seq_len].long()
+            keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
+            values = v_cache[slots].transpose(0, 1)
+            policy = self._policy(f.req.config)
+            probs = None
+            if policy.needs_window:
+                end = f.q_start + f.q_len
+                q_win = q_all[end - f.window:end].transpose(0, 1)  # (Hq, w, D): the prompt's last positions
+                probs = window_attention(q_win, keys, layer.scaling)
+            plan = policy.plan(LayerStats(probs, f.media_mask, keys.shape[0], layer.layer_id))
+            f.req.layers[layer.layer_id] = CompressedLayer(plan, keys.clone(), values.clone())
+        if layer.layer_id == self.last_layer:
+            self._commit_compaction()
+        return o
+
+    def _commit_compaction(self) -> None:
+        """After the last layer: register each request's compressed KV and free its prompt's staging slots."""
+        req_to_token = self.req_to_token_pool.req_to_token
+        for f in self._finishing:
+            STORE.add(f.row, f.req)
+            slots = req_to_token[f.row, : f.seq_len].clone()
+            # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
+            # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
+            req_to_token[f.row, : f.seq_len] = 0
+            self.allocator.free(slots[slots != 0])
+            f.req.staging_freed = True
+            STORE.finish_compaction(f.row)
+        self._finishing = []
+
+    # ---- decode -------------------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        rows = forward_batch.req_pool_indices.tolist()
+        compressed = [i for i, r in enumerate(rows) if STORE.get(r) is not None]
+        if not compressed:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        o = torch.empty_like(q)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q_ = q.view(-1, hq, d)
+        o_ = o.view(-1, hq, d)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        req_to_token = self.req_to_token_pool.req_to_token
+        seq_lens = forward_batch.seq_lens_cpu.tolist()
+        k_new = k.view(-1, hkv, d)
+        v_new = v.view(-1, hkv, d)
+        plain = [i for i in range(len(rows)) if i not in set(compressed)]
+        if plain:
+            idx = torch.tensor(plain, device=q.device)
+            sub_o = torch.empty_like(o_[idx])
+            self._run_sdpa_forward_decode(q_[idx], sub_o, k_cache, v_cache, req_to_token,
+                                          forward_batch.req_pool_indices[idx], forward_batch.seq_lens[idx], None,
+                                          scaling=layer.scaling, enable_gqa=hq != hkv, causal=False)
+            o_[idx] = sub_o
+        for i in compressed:
+            req = STORE.get(rows[i])
+            cl = req.layers[layer.layer_id]
+            gen = req_to_token[rows[i], req.prompt_len: seq_lens[i] - 1].long()  # earlier decoded tokens
+            cl.k_gen = k_cache[gen].transpose(0, 1)
+            cl.v_gen = v_cache[gen].transpose(0, 1)
+            out = decode_attention(cl, q_[i:i + 1], k_new[i:i + 1], v_new[i:i + 1], layer.scaling,
+                                   req.config.retrieval_interval, req.config.chunk_score_scale)
+            cl.k_gen = cl.v_gen = k_cache.new_empty(hkv, 0, d)  # generated KV lives in staging only
+            o_[i] = out[0]
+        return o

@@ -1,0 +1,223 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``): ``--kv-compression`` for ``sglang.launch_server``.
+
+``register()`` runs in every SGLang process. Everywhere it adds the CLI flags and the attention backend name
+(harmless without ``--kv-compression``). In the launcher, the ``prepare_server_args`` hook validates the flags,
+refuses combinations that do not work yet, exports the config as JSON in ``SGLANG_HYBRIDKV_CONFIG`` and implies
+``--attention-backend hybridkv``. Scheduler processes inherit the variable and install the runtime hooks; with
+no ``--kv-compression`` (or ``none``) nothing else is hooked and SGLang runs unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+from ..config import ENV_VAR, ConfigError, HybridKVConfig
+from .targets import IncompatibleSGLang, check_targets
+
+logger = logging.getLogger("sglang_hybridkv")
+
+BACKEND = "hybridkv"
+# Architectures whose attention goes through RadixAttention with standard MHA/GQA KV (what the pool holds).
+SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                   "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"}
+# Flags implied by --kv-compression (v1: the compressed region is private to a request; see README).
+IMPLIED = ["--attention-backend", BACKEND, "--disable-radix-cache", "--disable-overlap-schedule"]
+
+
+class StartupError(SystemExit):
+    """Stops the launcher with a one-line message instead of a traceback."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(f"sglang-hybridkv: {msg}")
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    _register_backend()
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AROUND)
+    HookRegistry.register("sglang.srt.server_args.prepare_server_args", _prepare_server_args, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+                          _validate_request, HookType.BEFORE)
+    HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
+                          _update_meta_info, HookType.AROUND)
+    config = HybridKVConfig.from_env()
+    if config is not None and config.enabled:
+        check_targets()
+        from . import scheduler_hooks
+
+        scheduler_hooks.install(HookRegistry, HookType)
+
+
+def active_config() -> HybridKVConfig | None:
+    cfg = HybridKVConfig.from_env()
+    return cfg if cfg is not None and cfg.enabled else None
+
+
+def _register_backend() -> None:
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.server_args import add_attention_backend_choices
+
+    if BACKEND in ATTENTION_BACKENDS:
+        return
+
+    @register_attention_backend(BACKEND)
+    def _factory(model_runner):
+        from .backend import HybridKVTorchBackend
+
+        config = active_config()
+        if config is None:
+            raise RuntimeError(f"attention backend '{BACKEND}' needs --kv-compression (none was given)")
+        if model_runner.device != "cpu":
+            raise RuntimeError("the hybridkv GPU decode path is not wired into SGLang yet; use --device cpu")
+        return HybridKVTorchBackend(model_runner, config)
+
+    add_attention_backend_choices([BACKEND])
+
+
+def _add_cli_args(orig, parser: argparse.ArgumentParser, *args, **kwargs):
+    result = orig(parser, *args, **kwargs)
+    if not any(a.dest == "kv_compression" for a in parser._actions):
+        HybridKVConfig.add_cli_args(parser)
+    return result
+
+
+def _parse_own_flags(argv: list[str]) -> HybridKVConfig:
+    parser = argparse.ArgumentParser(add_help=False)
+    HybridKVConfig.add_cli_args(parser)
+    known, _ = parser.parse_known_args(argv)
+    return HybridKVConfig.from_cli(known)
+
+
+def _prepare_server_args(orig, argv, *args, **kwargs):
+    argv = list(argv)
+    try:
+        config = _parse_own_flags(argv)
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    if not config.enabled:
+        os.environ.pop(ENV_VAR, None)
+        return orig(argv, *args, **kwargs)
+    try:
+        check_targets()
+    except IncompatibleSGLang as e:
+        raise StartupError(str(e)) from None
+    argv = _strip_backend_flags(argv, config)
+    server_args = orig(argv + IMPLIED, *args, **kwargs)
+    _refuse_unsupported(server_args, config)
+    os.environ[ENV_VAR] = config.to_json()
+    logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
+    print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget} "
+          f"(radix cache and overlap scheduling off in this version)", file=sys.stderr)
+    return server_args
+
+
+def _strip_backend_flags(argv: list[str], config: HybridKVConfig) -> list[str]:
+    """Drop ``--attention-backend torch_native|hybridkv`` (we set it); any other backend is an error."""
+    flags = ("--attention-backend", "--decode-attention-backend", "--prefill-attention-backend")
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in flags:
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if value not in ("torch_native", BACKEND):
+                raise StartupError(f"--kv-compression {config.policy} runs its own attention backend (CPU: "
+                                   f"torch_native extend + hybridkv decode); {name} {value} is not supported")
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _refuse_unsupported(sa, config: HybridKVConfig) -> None:
+    def val(name, default=None):
+        return getattr(sa, name, default)
+
+    problems = []
+    if val("speculative_algorithm") not in (None, "", "NONE"):
+        problems.append(f"speculative decoding (--speculative-algorithm {val('speculative_algorithm')})")
+    if str(val("disaggregation_mode", "null")) not in ("null", "None", ""):
+        problems.append(f"PD disaggregation (--disaggregation-mode {val('disaggregation_mode')})")
+    if val("enable_hierarchical_cache"):
+        problems.append("HiCache (--enable-hierarchical-cache)")
+    if val("enable_lmcache"):
+        problems.append("LMCache (--enable-lmcache)")
+    if val("enable_hisparse"):
+        problems.append("HiSparse (--enable-hisparse)")
+    if val("enable_dp_attention"):
+        problems.append("DP attention (--enable-dp-attention)")
+    for name in ("tp_size", "pp_size", "dp_size"):
+        if (val(name) or 1) > 1:
+            problems.append(f"--{name.replace('_', '-')} {val(name)} (per-rank budgets are not tested yet)")
+    if (val("page_size") or 1) != 1:
+        problems.append(f"--page-size {val('page_size')} (the staging pool must be token-granular)")
+    if val("enable_mixed_chunk"):
+        problems.append("--enable-mixed-chunk")
+    if val("device") not in ("cpu",):
+        problems.append(f"--device {val('device')} (the GPU decode path is not wired into SGLang yet; CPU only)")
+    arch = _architecture(val("model_path"))
+    if arch is not None and arch not in SUPPORTED_ARCHS:
+        problems.append(f"model architecture {arch} (supported: {sorted(SUPPORTED_ARCHS)})")
+    if problems:
+        raise StartupError(f"--kv-compression {config.policy} does not work with " + "; ".join(problems))
+
+
+def _architecture(model_path: str | None) -> str | None:
+    if not model_path:
+        return None
+    path = os.path.join(model_path, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        archs = json.load(f).get("architectures") or [None]
+    return archs[0]
+
+
+# ---- tokenizer-manager side (launcher process) ------------------------------------------------------
+def request_config(custom_params) -> HybridKVConfig | None:
+    """The config of one request: the server's, with the request's ``custom_params["hybridkv"]`` applied."""
+    base = active_config()
+    params = (custom_params or {}).get("hybridkv") if isinstance(custom_params, dict) else None
+    if base is None:
+        if params:
+            raise ConfigError("custom_params.hybridkv was given but the server runs without --kv-compression")
+        return None
+    return base.with_request(params)
+
+
+def _validate_request(self, obj, *args, **kwargs):
+    if active_config() is None and not _mentions_hybridkv(obj):
+        return None
+    sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
+    for sp in sps:
+        cp = (sp or {}).get("custom_params") if isinstance(sp, dict) else getattr(sp, "custom_params", None)
+        request_config(cp)  # raises ConfigError (a ValueError: SGLang answers 400 with the message)
+    return None
+
+
+def _mentions_hybridkv(obj) -> bool:
+    sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
+    return any(isinstance(sp, dict) and isinstance(sp.get("custom_params"), dict)
+               and "hybridkv" in sp["custom_params"] for sp in sps)
+
+
+def _update_meta_info(orig, self, meta_info, *args, **kwargs):
+    result = orig(self, meta_info, *args, **kwargs)
+    if "hybridkv" in meta_info:
+        reported = [x for x in meta_info["hybridkv"] if x] if isinstance(meta_info["hybridkv"], list) else []
+        if reported:
+            meta_info["hybridkv"] = dict(reported[-1])
+        else:
+            del meta_info["hybridkv"]
+    return result
+
+
+__all__ = ["register", "request_config"]

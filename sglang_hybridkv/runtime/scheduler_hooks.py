@@ -1,0 +1,85 @@
+"""Hooks installed in SGLang scheduler processes when compression is on (see ``targets.TARGETS``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .store import STORE
+
+
+def install(registry, hook_type) -> None:
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+
+    registry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _attach_requests,
+                      hook_type.AFTER)
+    registry.register("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_skip_compacted,
+                      hook_type.AROUND)
+    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _release_rows, hook_type.AFTER)
+    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _release_all, hook_type.AFTER)
+    registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+                      "build_additional_customized_info", _build_stats, hook_type.REPLACE)
+    registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
+                      "is_request_level_customized_info_key", _request_level_key, hook_type.REPLACE)
+    SchedulerOutputStreamer.has_additional_customized_info = True
+
+
+def _attach_requests(result, *args, **kwargs):
+    """Tell the backend, per request row, what it needs: id, full prompt length, config and media span.
+
+    Keyed by row because the model runner may rebuild the ForwardBatch object before the backend sees it.
+    """
+    from .plugin import request_config
+
+    batch = next((a for a in args if hasattr(a, "reqs")), kwargs.get("batch"))
+    if batch is None or not batch.forward_mode.is_extend():
+        return result
+    for req in batch.reqs:
+        cfg = request_config(getattr(req.sampling_params, "custom_params", None))
+        STORE.pending[req.kv.req_pool_idx] = {"rid": req.rid, "config": cfg, "media_mask": _media_mask(req),
+                                           "full_len": len(req.origin_input_ids) + len(req.output_ids)}
+    return result
+
+
+def _media_mask(req) -> torch.Tensor | None:
+    """True on image/video token positions (from the processor's offsets); None for text-only requests."""
+    mm = getattr(req, "multimodal_inputs", None)
+    items = getattr(mm, "mm_items", None) if mm is not None else None
+    if not items:
+        return None
+    n = len(req.origin_input_ids) + len(req.output_ids)
+    mask = torch.zeros(n, dtype=torch.bool)
+    for item in items:
+        for start, end in getattr(item, "offsets", None) or []:
+            mask[int(start): int(end) + 1] = True  # offsets are inclusive
+    return mask
+
+
+def _free_skip_compacted(orig, self, free_index, *args, **kwargs):
+    # Slots of a compacted prompt were freed at compaction and zeroed in the request row; slot 0 is padding.
+    if free_index.numel():
+        free_index = free_index[free_index != 0]
+    return orig(self, free_index, *args, **kwargs)
+
+
+def _release_rows(result, self, rows, *args, **kwargs):
+    STORE.release_rows(rows)
+    return result
+
+
+def _release_all(result, *args, **kwargs):
+    STORE.release_all()
+    return result
+
+
+def _build_stats(self, reqs):
+    values = []
+    for req in reqs:
+        stats = STORE.stats_by_rid.get(req.rid)
+        if stats is not None and req.finished():
+            STORE.stats_by_rid.pop(req.rid, None)
+        values.append([stats] if stats is not None else [])  # SGLang accumulates lists per request
+    return {"hybridkv": values}
+
+
+def _request_level_key(self, key: str) -> bool:
+    return key == "hybridkv"

@@ -1,0 +1,67 @@
+"""Every SGLang symbol the plugin hooks or uses, in one place, with the version it was written against.
+
+:func:`check_targets` runs at plugin registration in every SGLang process; a missing symbol or another SGLang
+version stops the server with a message naming the symbol and the supported version.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+
+SUPPORTED_SGLANG = "0.5.23"
+
+# dotted target -> what we do with it
+TARGETS: dict[str, str] = {
+    # launcher: flags and start-up checks
+    "sglang.srt.server_args.ServerArgs.add_cli_args": "AROUND: add --kv-compression and --hybridkv-* flags",
+    "sglang.srt.server_args.prepare_server_args": "AROUND: validate flags, export config, imply settings",
+    "sglang.srt.layers.attention.attention_registry.register_attention_backend": "register backend 'hybridkv'",
+    "sglang.srt.server_args.add_attention_backend_choices": "allow --attention-backend hybridkv",
+    # scheduler: backend, accounting, per-request stats
+    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend": "base class of the CPU backend",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": "AFTER: attach per-request info",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "AROUND: skip slots already freed at compaction",
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows": "AFTER: release compressed KV of freed rows",
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear": "AFTER: release all compressed KV",
+    "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.build_additional_customized_info":
+        "REPLACE: emit meta_info['hybridkv']",
+    "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key":
+        "REPLACE: 'hybridkv' is per request, not per token",
+    # tokenizer manager: per-request validation and meta_info
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "BEFORE: validate overrides",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info":
+        "AROUND: meta_info['hybridkv'] is one dict, not a list",
+}
+
+
+class IncompatibleSGLang(RuntimeError):
+    pass
+
+
+def check_targets() -> None:
+    """Raise :class:`IncompatibleSGLang` naming the first missing symbol or a version mismatch."""
+    import sglang
+
+    version = getattr(sglang, "__version__", "unknown")
+    if version != SUPPORTED_SGLANG:
+        raise IncompatibleSGLang(f"sglang-hybridkv supports SGLang {SUPPORTED_SGLANG} only; found SGLang {version}. "
+                                 f"Install `sglang=={SUPPORTED_SGLANG}` or run without --kv-compression.")
+    for target in TARGETS:
+        try:
+            pkgutil.resolve_name(_split(target))
+        except (ImportError, AttributeError) as e:
+            raise IncompatibleSGLang(f"SGLang symbol {target} (hooked by sglang-hybridkv: {TARGETS[target]}) is missing "
+                                     f"in SGLang {version} ({e}); supported version: {SUPPORTED_SGLANG}") from None
+
+
+def _split(target: str) -> str:
+    """``a.b.C.m`` -> ``a.b:C.m`` so that pkgutil resolves class attributes."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        mod = ".".join(parts[:i])
+        try:
+            __import__(mod)
+        except ImportError:
+            continue
+        return mod + (":" + ".".join(parts[i:]) if i < len(parts) else "")
+    return target

@@ -1,0 +1,128 @@
+"""Start and stop a real SGLang server on loopback (CPU by default) for tests, examples and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+CPU_COMPAT = os.path.join(os.path.dirname(__file__), "cpu_compat")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for SGLang on a CPU: the CPU engine flag and our ``sgl_kernel`` stand-in on PYTHONPATH."""
+    env = dict(os.environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (CPU_COMPAT, env.get("PYTHONPATH", "")) if p)
+    env.pop("TRITON_INTERPRET", None)  # the server's own Triton code must not run interpreted
+    env.update(extra or {})
+    return env
+
+
+def server_command(model_path: str, port: int, device: str = "cpu", max_total_tokens: int = 16384,
+                   extra_args: list[str] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
+           "--port", str(port), "--device", device, "--log-level", "warning"]
+    if device == "cpu":
+        cmd += ["--attention-backend", "torch_native", "--max-total-tokens", str(max_total_tokens),
+                "--mem-fraction-static", "0.15", "--dtype", "float32", "--skip-server-warmup"]
+    return cmd + list(extra_args or [])
+
+
+def post(url: str, payload: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")
+        raise HTTPError(e.code, body) from None
+
+
+def get(url: str, timeout: float = 30) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+class HTTPError(RuntimeError):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:500]}")
+        self.status, self.body = status, body
+
+
+@contextlib.contextmanager
+def sglang_server(model_path: str, extra_args: list[str] | None = None, device: str = "cpu",
+                  max_total_tokens: int = 16384, timeout: float = 300, log_path: str | None = None,
+                  env: dict[str, str] | None = None, progress: bool = False) -> Iterator[str]:
+    """Run ``sglang.launch_server`` until the block exits; yields its base URL.
+
+    Start-up failures raise with the tail of the server log. The server is stopped with SIGTERM (SIGKILL after
+    20 s) and its whole process group is reaped, so no scheduler process outlives the block.
+    """
+    port = free_port()
+    cmd = server_command(model_path, port, device, max_total_tokens, extra_args)
+    log_path = log_path or os.path.join("/tmp", f"sglang-hybridkv-server-{port}.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=cpu_env(env) if device == "cpu" else {**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SGLang server exited with {proc.returncode} during start-up:\n{_tail(log_path)}")
+            try:
+                get(url + "/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.time() - t0 > timeout:
+                raise TimeoutError(f"SGLang server not ready after {timeout:.0f}s:\n{_tail(log_path)}")
+            if progress:
+                print(f"\r  starting SGLang ({' '.join(extra_args or []) or 'no compression'}) ... "
+                      f"{time.time() - t0:4.0f}s", end="", file=sys.stderr, flush=True)
+            time.sleep(1)
+        if progress:
+            print(f"\r  SGLang ready in {time.time() - t0:.0f}s at {url}" + " " * 30, file=sys.stderr, flush=True)
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def server_log(url: str) -> str:
+    port = url.rsplit(":", 1)[1]
+    with open(os.path.join("/tmp", f"sglang-hybridkv-server-{port}.log")) as f:
+        return f.read()
+
+
+def _tail(path: str, n: int = 40) -> str:
+    with open(path) as f:
+        return "".join(f.readlines()[-n:])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
