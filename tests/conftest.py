@@ -21,3 +21,11 @@ def smollm2():
     from sglang_hybridkv.hf.models import load_smollm2
 
     return load_smollm2(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """SmolLM2-135M-Instruct saved as safetensors (real weights) for SGLang to load."""
+    from sglang_hybridkv.testing.models import write_checkpoint
+
+    return write_checkpoint("smollm2", str(tmp_path_factory.mktemp("smollm2")))

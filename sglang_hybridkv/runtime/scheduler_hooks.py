@@ -20,6 +20,8 @@ def install(registry, hook_type) -> None:
                       "build_additional_customized_info", _build_stats, hook_type.REPLACE)
     registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
                       "is_request_level_customized_info_key", _request_level_key, hook_type.REPLACE)
+    registry.register("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController."
+                      "get_internal_state", _report_state, hook_type.AFTER)
     SchedulerOutputStreamer.has_additional_customized_info = True
 
 
@@ -83,3 +85,17 @@ def _build_stats(self, reqs):
 
 def _request_level_key(self, key: str) -> bool:
     return key == "hybridkv"
+
+
+def _report_state(result, self, *args, **kwargs):
+    """``/server_info`` -> ``internal_states[i]["hybridkv"]``: pool and compressed-region counters."""
+    sched = self.scheduler
+    resident = STORE.resident()
+    result.internal_state["hybridkv"] = {
+        "staging_available_tokens": int(sched.token_to_kv_pool_allocator.available_size()),
+        "staging_max_total_tokens": int(sched.max_total_num_tokens),
+        "compressed_requests_live": STORE.live, "compacted_total": STORE.compacted,
+        "released_total": STORE.released, "pending_infos": len(STORE.pending),
+        "resident_device_bytes": resident.device_total, "resident_host_bytes": resident.host,
+    }
+    return result

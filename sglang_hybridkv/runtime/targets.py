@@ -27,6 +27,8 @@ TARGETS: dict[str, str] = {
         "REPLACE: emit meta_info['hybridkv']",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key":
         "REPLACE: 'hybridkv' is per request, not per token",
+    "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state":
+        "AFTER: report pool and compressed-region counters in /server_info",
     # tokenizer manager: per-request validation and meta_info
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "BEFORE: validate overrides",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info":

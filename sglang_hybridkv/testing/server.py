@@ -39,7 +39,7 @@ def server_command(model_path: str, port: int, device: str = "cpu", max_total_to
            "--port", str(port), "--device", device, "--log-level", "warning"]
     if device == "cpu":
         cmd += ["--attention-backend", "torch_native", "--max-total-tokens", str(max_total_tokens),
-                "--mem-fraction-static", "0.15", "--dtype", "float32", "--skip-server-warmup"]
+                "--mem-fraction-static", "0.4", "--dtype", "float32", "--skip-server-warmup"]
     return cmd + list(extra_args or [])
 
 
