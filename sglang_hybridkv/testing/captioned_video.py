@@ -66,20 +66,24 @@ def _video(frames: list[str], question: str, family: str, answer: str) -> Task:
     return Task(family, [("Video captions:\n", False), ("\n".join(frames) + "\n", True), (question, False)], answer)
 
 
-def sign_number(rng: random.Random, n: int) -> Task:
-    num = str(rng.randint(10000, 99999))
+def _one_needle(rng: random.Random, n: int, caption: str, question: str, family: str, answer: str) -> Task:
     f = _frames(rng, n)
     i = rng.randrange(n)
-    f[i] = f"Frame {i}: a man holds up a sign with the number {num}."
-    return _video(f, "What number is on the sign held up in the video? The number on the sign is", "sign_number", num)
+    f[i] = f"Frame {i}: {caption}"
+    return _video(f, question, family, answer)
+
+
+def sign_number(rng: random.Random, n: int) -> Task:
+    num = str(rng.randint(10000, 99999))
+    return _one_needle(rng, n, f"a man holds up a sign with the number {num}.",
+                       "What number is on the sign held up in the video? The number on the sign is", "sign_number", num)
 
 
 def bib_number(rng: random.Random, n: int) -> Task:
     num = str(rng.randint(100, 9999))
-    f = _frames(rng, n)
-    i = rng.randrange(n)
-    f[i] = f"Frame {i}: a runner wearing bib number {num} crosses the finish line."
-    return _video(f, "What is the bib number of the runner who crosses the finish line? The bib number is", "bib_number", num)
+    return _one_needle(rng, n, f"a runner wearing bib number {num} crosses the finish line.",
+                       "What is the bib number of the runner who crosses the finish line? The bib number is",
+                       "bib_number", num)
 
 
 def two_needles(rng: random.Random, n: int) -> Task:
@@ -107,10 +111,8 @@ def distractor_sign(rng: random.Random, n: int) -> Task:
 def color(rng: random.Random, n: int) -> Task:
     c = rng.choice(COLORS)
     name = rng.choice(NAMES)
-    f = _frames(rng, n)
-    i = rng.randrange(n)
-    f[i] = f"Frame {i}: {name} opens a bright {c} umbrella."
-    return _video(f, f"What color is the umbrella that {name} opens? The umbrella is", "color", c)
+    return _one_needle(rng, n, f"{name} opens a bright {c} umbrella.",
+                       f"What color is the umbrella that {name} opens? The umbrella is", "color", c)
 
 
 FAMILIES: dict[str, Callable[[random.Random, int], Task]] = {

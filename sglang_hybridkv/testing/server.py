@@ -92,7 +92,7 @@ def sglang_server(model_path: str, extra_args: list[str] | None = None, device: 
                 pass
             if time.time() - t0 > timeout:
                 raise TimeoutError(f"SGLang server not ready after {timeout:.0f}s:\n{_tail(log_path)}")
-            if progress:
+            if progress and (sys.stderr.isatty() or int(time.time() - t0) % 10 == 0):
                 print(f"\r  starting SGLang ({' '.join(extra_args or []) or 'no compression'}) ... "
                       f"{time.time() - t0:4.0f}s", end="", file=sys.stderr, flush=True)
             time.sleep(1)
