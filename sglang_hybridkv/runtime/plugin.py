@@ -10,6 +10,7 @@ no ``--kv-compression`` (or ``none``) nothing else is hooked and SGLang runs unc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -55,7 +56,13 @@ def register() -> None:
 
 
 def active_config() -> HybridKVConfig | None:
-    cfg = HybridKVConfig.from_env()
+    """The server's config when compression is on (parsed once per value of the environment variable)."""
+    return _parse_env(os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_env(raw: str | None) -> HybridKVConfig | None:
+    cfg = HybridKVConfig.from_env({ENV_VAR: raw} if raw else {})
     return cfg if cfg is not None and cfg.enabled else None
 
 
@@ -194,19 +201,11 @@ def request_config(custom_params) -> HybridKVConfig | None:
 
 
 def _validate_request(self, obj, *args, **kwargs):
-    if active_config() is None and not _mentions_hybridkv(obj):
-        return None
     sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
     for sp in sps:
-        cp = (sp or {}).get("custom_params") if isinstance(sp, dict) else getattr(sp, "custom_params", None)
+        cp = sp.get("custom_params") if isinstance(sp, dict) else getattr(sp, "custom_params", None)
         request_config(cp)  # raises ConfigError (a ValueError: SGLang answers 400 with the message)
     return None
-
-
-def _mentions_hybridkv(obj) -> bool:
-    sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
-    return any(isinstance(sp, dict) and isinstance(sp.get("custom_params"), dict)
-               and "hybridkv" in sp["custom_params"] for sp in sps)
 
 
 def _update_meta_info(orig, self, meta_info, *args, **kwargs):

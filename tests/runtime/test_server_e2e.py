@@ -42,8 +42,6 @@ def _state(url):
 
 
 def test_without_flag_plugin_changes_nothing(none_server, task):
-    from transformers import AutoTokenizer  # noqa: F401  (parity with HF is covered in tests/hf)
-
     r = post(none_server + "/generate", {"text": task.text, "sampling_params": GEN})
     assert task.answer in r["text"]
     assert "hybridkv" not in r["meta_info"]
@@ -132,7 +130,7 @@ def test_per_request_policy_and_no_leaks_at_idle(hkv_server, task):
     assert st["compressed_requests_live"] == 0 and st["compacted_total"] == st["released_total"] > 0
     assert st["staging_available_tokens"] == st["staging_max_total_tokens"]
     assert st["pending_infos"] == 0
-    assert get(hkv_server + "/health") == {} or True
+    get(hkv_server + "/health")  # raises unless the server answers 200
     assert "sgl_kernel shim" not in server_log(hkv_server)
 
 
