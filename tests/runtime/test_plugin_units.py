@@ -1,0 +1,60 @@
+"""Plugin pieces that need no running server: flag handling, refusals, the hooked-symbol check."""
+
+import types
+
+import pytest
+
+from sglang_hybridkv.config import ConfigError, HybridKVConfig
+from sglang_hybridkv.runtime import plugin
+from sglang_hybridkv.runtime.targets import TARGETS, check_targets
+
+
+def test_every_hooked_symbol_exists_in_the_pinned_sglang():
+    check_targets()
+    assert any("TokenToKVPoolAllocator.free" in t for t in TARGETS)
+
+
+def test_own_flags_are_parsed_and_validated():
+    cfg = plugin._parse_own_flags(["--model-path", "x", "--kv-compression", "snapkv", "--hybridkv-budget", "0.3"])
+    assert (cfg.policy, cfg.budget) == ("snapkv", 0.3)
+    assert not plugin._parse_own_flags(["--model-path", "x"]).enabled
+    with pytest.raises(ConfigError, match="window=0"):
+        plugin._parse_own_flags(["--kv-compression", "hybridkv", "--hybridkv-window", "0"])
+
+
+def test_backend_flags_are_taken_over_or_refused():
+    cfg = HybridKVConfig()
+    argv = ["--model-path", "m", "--attention-backend", "torch_native", "--decode-attention-backend=hybridkv"]
+    assert plugin._strip_backend_flags(argv, cfg) == ["--model-path", "m"]
+    with pytest.raises(plugin.StartupError, match="--attention-backend flashinfer is not supported"):
+        plugin._strip_backend_flags(["--attention-backend", "flashinfer"], cfg)
+
+
+def _args(**kw):
+    base = dict(speculative_algorithm=None, disaggregation_mode="null", enable_hierarchical_cache=False,
+                enable_lmcache=False, enable_hisparse=False, enable_dp_attention=False, tp_size=1, pp_size=1,
+                dp_size=1, page_size=1, enable_mixed_chunk=False, device="cpu", model_path=None)
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"speculative_algorithm": "EAGLE"}, "speculative decoding"),
+    ({"disaggregation_mode": "prefill"}, "PD disaggregation"),
+    ({"enable_hierarchical_cache": True}, "HiCache"),
+    ({"enable_dp_attention": True}, "DP attention"),
+    ({"tp_size": 2}, "--tp-size 2"),
+    ({"page_size": 16}, "--page-size 16"),
+    ({"device": "cuda"}, "--device cuda"),
+])
+def test_unsupported_combinations_are_named(kw, words):
+    plugin._refuse_unsupported(_args(), HybridKVConfig())  # the supported baseline passes
+    with pytest.raises(plugin.StartupError) as e:
+        plugin._refuse_unsupported(_args(**kw), HybridKVConfig())
+    assert words in str(e.value) and "does not work with" in str(e.value)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["DeepseekV3ForCausalLM"]}')
+    with pytest.raises(plugin.StartupError, match="DeepseekV3ForCausalLM"):
+        plugin._refuse_unsupported(_args(model_path=str(tmp_path)), HybridKVConfig())
