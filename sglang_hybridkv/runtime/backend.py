@@ -34,7 +34,6 @@ logger = logging.getLogger("sglang_hybridkv")
 class _Finishing:
     """A request whose prompt completes in this extend batch."""
 
-    index: int  # position in the batch
     row: int
     q_start: int  # first query row of this request in the batch
     q_len: int
@@ -49,7 +48,7 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
 
     def __init__(self, model_runner, config: HybridKVConfig) -> None:
         super().__init__(model_runner)
-        self.config = config
+        self.config = config  # the server's; each request's own (overrides applied) comes with the batch
         self.allocator = model_runner.token_to_kv_pool_allocator
         self.last_layer = model_runner.model_config.num_hidden_layers - 1
         self._finishing: list[_Finishing] = []
@@ -79,12 +78,12 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
                 mask[seq_lens[i] - w:] = False  # the observation window is the question: kept, never media
                 req = RequestKV(info["rid"], cfg, seq_lens[i])
                 del STORE.pending[row]
-                self._finishing.append(_Finishing(i, row, q_start, q_len, seq_lens[i], w, req, mask))
+                self._finishing.append(_Finishing(row, q_start, q_len, seq_lens[i], w, req, mask))
             q_start += q_len
 
     def _policy(self, cfg: HybridKVConfig):
         if cfg not in self._policies:
-            self._policies[cfg] = make_policy(cfg.replace(policy="full") if cfg.policy == "none" else cfg)
+            self._policies[cfg] = make_policy(cfg)
         return self._policies[cfg]
 
     # ---- prefill ------------------------------------------------------------------------------------
@@ -122,7 +121,6 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
             # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
             req_to_token[f.row, : f.seq_len] = 0
             self.allocator.free(slots[slots != 0])
-            f.req.staging_freed = True
             STORE.finish_compaction(f.row)
         self._finishing = []
 

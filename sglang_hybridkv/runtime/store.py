@@ -26,7 +26,6 @@ class RequestKV:
     config: HybridKVConfig
     prompt_len: int
     layers: dict[int, CompressedLayer] = field(default_factory=dict)
-    staging_freed: bool = False
 
     def nbytes(self) -> KVBytes:
         total = KVBytes()
