@@ -17,6 +17,7 @@ import sys
 import time
 
 from sglang_hybridkv.testing.captioned_video import sign_number
+from sglang_hybridkv.testing.models import cached_checkpoint, kv_bytes_per_token
 from sglang_hybridkv.testing.server import post, sglang_server
 
 
@@ -34,23 +35,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_checkpoint() -> str:
-    from sglang_hybridkv.testing.models import write_checkpoint
-
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sglang-hybridkv", "smollm2")
-    print(f"  preparing SmolLM2-135M-Instruct in {cache} (first run converts the GGUF, ~1 min) ...", file=sys.stderr)
-    return write_checkpoint("smollm2", cache)
-
-
-def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int:
-    """K+V bytes one token occupies in a full cache, from the model's config."""
-    with open(os.path.join(model_path, "config.json")) as f:
-        cfg = json.load(f)
-    cfg = cfg.get("text_config", cfg)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * dtype_bytes
-
-
 def ask(url: str, prompt: str, max_new_tokens: int) -> tuple[dict, float]:
     t0 = time.perf_counter()
     out = post(url + "/generate", {"text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens,
@@ -62,7 +46,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import random
 
-    model = args.model_path or default_checkpoint()
+    model = args.model_path or cached_checkpoint("smollm2")
     task = sign_number(random.Random(args.seed), args.frames)
     print(f"  question about a {args.frames}-frame captioned video; gold answer {task.answer}", file=sys.stderr)
     results = {}

@@ -29,3 +29,19 @@ def smollm2_checkpoint(tmp_path_factory):
     from sglang_hybridkv.testing.models import write_checkpoint
 
     return write_checkpoint("smollm2", str(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_checkpoint(tmp_path_factory):
+    """A tiny random Qwen2.5-VL with a tokenizer and processor, for SGLang's real multimodal path."""
+    from sglang_hybridkv.testing.models import write_checkpoint
+
+    return write_checkpoint("tiny-qwen2.5-vl", str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory):
+    """A random 2-layer Llama with the SmolLM2 tokenizer: fast servers for plumbing and load tests."""
+    from sglang_hybridkv.testing.models import write_checkpoint
+
+    return write_checkpoint("tiny-llama", str(tmp_path_factory.mktemp("tiny-llama")))

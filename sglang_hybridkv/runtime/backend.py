@@ -3,11 +3,12 @@ prefill, and decode over the compressed region.
 
 Prefill (chunked prefill included) is SGLang's torch_native extend over the staging pool. In the chunk that
 completes a request's prompt, each layer, right after its stock attention, scores the prompt with the
-observation window, plans per KV head (``core.policies``) and compacts what survives into the compressed region
+observation window, plans per KV head (``core.policies``) and compacts what survives
 (``core.cache.CompressedLayer``: per-head device KV, host tier for dynamic heads, chunk summaries). After the last
-layer the prompt's staging slots are freed, so the scheduler can admit more requests at once. Decode reads the
-compressed prompt plus the request's generated tokens, which stay in staging slots the scheduler accounts for.
-Requests that compress nothing (policy "none" per request) take the stock path.
+layer the prompt's staging slots are freed and the device tier is written into a few slots allocated from the
+same pool (``pool_region``), so the scheduler's accounting sees exactly what the request still holds and admits
+more requests at once. Decode reads the compressed prompt from those slots plus the request's generated tokens,
+which stay in ordinary slots. Requests that compress nothing (policy "none" per request) take the stock path.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..config import HybridKVConfig
 from ..core.attention import decode_attention
-from ..core.cache import CompressedLayer
+from ..core.cache import CompressedLayer, KVBytes
 from ..core.plan import LayerStats, text_only_media_mask
 from ..core.policies import make_policy
 from ..core.window import window_attention
+from . import pool_region
 from .store import STORE, RequestKV
 
 logger = logging.getLogger("sglang_hybridkv")
@@ -50,6 +52,7 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         super().__init__(model_runner)
         self.config = config  # the server's; each request's own (overrides applied) comes with the batch
         self.allocator = model_runner.token_to_kv_pool_allocator
+        STORE.free_slots = self.allocator.free
         self.last_layer = model_runner.model_config.num_hidden_layers - 1
         self._finishing: list[_Finishing] = []
         self._policies: dict[HybridKVConfig, object] = {}
@@ -72,11 +75,12 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
                 cfg = info["config"]
                 w = max(1, min(cfg.window, q_len, seq_lens[i]))
                 mask = info["media_mask"]
+                media_tokens = 0 if mask is None else int(mask.sum())
                 if mask is None:
                     mask = text_only_media_mask(seq_lens[i], w)
                 mask = mask.clone()
                 mask[seq_lens[i] - w:] = False  # the observation window is the question: kept, never media
-                req = RequestKV(info["rid"], cfg, seq_lens[i])
+                req = RequestKV(info["rid"], cfg, seq_lens[i], media_tokens)
                 del STORE.pending[row]
                 self._finishing.append(_Finishing(row, q_start, q_len, seq_lens[i], w, req, mask))
             q_start += q_len
@@ -106,23 +110,56 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
                 q_win = q_all[end - f.window:end].transpose(0, 1)  # (Hq, w, D): the prompt's last positions
                 probs = window_attention(q_win, keys, layer.scaling)
             plan = policy.plan(LayerStats(probs, f.media_mask, keys.shape[0], layer.layer_id))
-            f.req.layers[layer.layer_id] = CompressedLayer(plan, keys.clone(), values.clone())
+            f.req.layers[layer.layer_id] = CompressedLayer(plan, keys, values)  # copies what it keeps
         if layer.layer_id == self.last_layer:
             self._commit_compaction()
         return o
 
     def _commit_compaction(self) -> None:
-        """After the last layer: register each request's compressed KV and free its prompt's staging slots."""
+        """After the last layer: free each prompt's staging slots and move its device tier into pool slots."""
         req_to_token = self.req_to_token_pool.req_to_token
         for f in self._finishing:
-            STORE.add(f.row, f.req)
-            slots = req_to_token[f.row, : f.seq_len].clone()
+            n = pool_region.slots_needed(f.req.layers)
+            extra = None
+            if n > f.seq_len:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
+                extra = self.allocator.alloc(n - f.seq_len)
+                if extra is None:
+                    self._keep_uncompressed(f)
+                    continue
+            staging = req_to_token[f.row, : f.seq_len].clone()
             # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
             # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
             req_to_token[f.row, : f.seq_len] = 0
-            self.allocator.free(slots[slots != 0])
+            self.allocator.free(staging[staging != 0])
+            # Just freed f.seq_len slots and nothing ran in between, so this allocation cannot fail.
+            slots = self.allocator.alloc(min(n, f.seq_len)) if n else staging.new_empty(0)
+            if extra is not None:
+                slots = torch.cat([slots, extra])
+            self._write_to_pool(f.req, slots)
+            STORE.add(f.row, f.req)
             STORE.finish_compaction(f.row)
         self._finishing = []
+
+    def _keep_uncompressed(self, f: _Finishing) -> None:
+        logger.warning("hybridkv: request %s stays uncompressed: its compressed form needs more pool slots than "
+                       "its prompt and the pool has no room (budget %.2f)", f.req.rid, f.req.config.budget)
+        STORE.stats_by_rid[f.req.rid] = {**f.req.stats(), "compressed": False}
+
+    def _write_to_pool(self, req: RequestKV, slots: torch.Tensor) -> None:
+        logical = KVBytes()
+        for cl in req.layers.values():
+            logical = logical + cl.nbytes()
+        slot_bytes = sum(2 * cl.num_heads * cl.head_dim * cl.k_dev.element_size() for cl in req.layers.values())
+        summaries = sum(2 * cl.kmin.numel() * cl.kmin.element_size() for cl in req.layers.values())
+        for layer_id, cl in req.layers.items():
+            where = pool_region.place(cl, slots)
+            pool_region.write(self.token_to_kv_pool.get_key_buffer(layer_id),
+                              self.token_to_kv_pool.get_value_buffer(layer_id), cl, where)
+            pool_region.unload(cl)
+            req.rows[layer_id] = where
+        req.slots = slots
+        # Device = the slots held (kept KV, summaries, retrieval buffers, packing waste); metadata = page tables.
+        req.nbytes = KVBytes(logical.full, slots.numel() * slot_bytes, logical.host, logical.metadata - summaries)
 
     # ---- decode -------------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -154,11 +191,13 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         for i in compressed:
             req = STORE.get(rows[i])
             cl = req.layers[layer.layer_id]
+            pool_region.load(k_cache, v_cache, cl, req.rows[layer.layer_id])
             gen = req_to_token[rows[i], req.prompt_len: seq_lens[i] - 1].long()  # earlier decoded tokens
             cl.k_gen = k_cache[gen].transpose(0, 1)
             cl.v_gen = v_cache[gen].transpose(0, 1)
             out = decode_attention(cl, q_[i:i + 1], k_new[i:i + 1], v_new[i:i + 1], layer.scaling,
                                    req.config.retrieval_interval, req.config.chunk_score_scale)
-            cl.k_gen = cl.v_gen = k_cache.new_empty(hkv, 0, d)  # generated KV lives in staging only
+            cl.k_gen = cl.v_gen = k_cache.new_empty(hkv, 0, d)  # generated KV lives in ordinary slots
+            pool_region.unload(cl)
             o_[i] = out[0]
         return o

@@ -96,6 +96,7 @@ def _report_state(result, self, *args, **kwargs):
         "staging_max_total_tokens": int(sched.max_total_num_tokens),
         "compressed_requests_live": STORE.live, "compacted_total": STORE.compacted,
         "released_total": STORE.released, "pending_infos": len(STORE.pending),
-        "resident_device_bytes": resident.device_total, "resident_host_bytes": resident.host,
+        "compressed_slots_held": STORE.slots_held, "resident_device_bytes": resident.device_total,
+        "host_tier_bytes": STORE.host_bytes, "host_tier_bytes_peak": STORE.host_bytes_peak,
     }
     return result

