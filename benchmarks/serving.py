@@ -3,7 +3,8 @@
 Starts SGLang itself (CPU by default) with ``--max-total-tokens POOL``: one server without compression and one
 with ``--kv-compression hybridkv``, whose rows pick policy and budget per request (``custom_params``), so every
 compressed row runs on the same pool in the same process. Both servers run with the radix cache and overlap
-scheduling off (the plugin turns them off; the baseline gets the same settings). Each row sends all its long
+scheduling off (the plugin turns overlap off; distinct prompts share little, and a tree of evictable prompts
+would blur what the pool holds), so the pool's free slots are the only variable. Each row sends all its long
 captioned-video requests (SmolLM2, real weights) at once through a small async streaming client and reads from
 SGLang's own decode log how many requests were running at once.
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
     prompts = [sign_number(rng, args.frames).text for _ in range(args.requests)]
     per_token = kv_bytes_per_token(model, 4 if args.device == "cpu" else 2)
     rows: list[dict] = []
-    groups = [("none", BASELINE + LOG), ("hybridkv", ["--kv-compression", "hybridkv"] + LOG)]
+    groups = [("none", BASELINE + LOG), ("hybridkv", ["--kv-compression", "hybridkv", "--disable-radix-cache"] + LOG)]
     t_start = time.time()
     for server, extra in groups:
         wanted = [r for r in args.rows if (r[0] == "none") == (server == "none")]

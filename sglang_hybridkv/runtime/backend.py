@@ -9,6 +9,11 @@ layer the prompt's staging slots are freed and the device tier is written into a
 same pool (``pool_region``), so the scheduler's accounting sees exactly what the request still holds and admits
 more requests at once. Decode reads the compressed prompt from those slots plus the request's generated tokens,
 which stay in ordinary slots. Requests that compress nothing (policy "none" per request) take the stock path.
+
+With the radix cache on ("copy-on-compress"), the prompt's slots are not freed here: SGLang inserts the
+uncompressed prompt into the tree after the prefill, and the plugin then drops the request's lock on it
+(``scheduler_hooks``), so the prefix stays shared for later requests (the same video, a system prompt) and is
+evictable under memory pressure, while this request decodes from its private compressed copy.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         self.config = config  # the server's; each request's own (overrides applied) comes with the batch
         self.allocator = model_runner.token_to_kv_pool_allocator
         STORE.free_slots = self.allocator.free
+        self.radix = not model_runner.server_args.disable_radix_cache
         self.last_layer = model_runner.model_config.num_hidden_layers - 1
         self._finishing: list[_Finishing] = []
         self._policies: dict[HybridKVConfig, object] = {}
@@ -120,9 +126,19 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         req_to_token = self.req_to_token_pool.req_to_token
         for f in self._finishing:
             n = pool_region.slots_needed(f.req.layers)
+            if self.radix:  # the tree takes over the prompt's slots after this batch
+                slots = self._alloc(n)
+                if slots is None:
+                    self._keep_uncompressed(f)
+                    continue
+                f.req.shared_prefix = True
+                self._write_to_pool(f.req, slots)
+                STORE.add(f.row, f.req)
+                STORE.finish_compaction(f.row)
+                continue
             extra = None
             if n > f.seq_len:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
-                extra = self.allocator.alloc(n - f.seq_len)
+                extra = self._alloc(n - f.seq_len)
                 if extra is None:
                     self._keep_uncompressed(f)
                     continue
@@ -132,13 +148,23 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
             req_to_token[f.row, : f.seq_len] = 0
             self.allocator.free(staging[staging != 0])
             # Just freed f.seq_len slots and nothing ran in between, so this allocation cannot fail.
-            slots = self.allocator.alloc(min(n, f.seq_len)) if n else staging.new_empty(0)
+            slots = self._alloc(min(n, f.seq_len))
             if extra is not None:
                 slots = torch.cat([slots, extra])
             self._write_to_pool(f.req, slots)
             STORE.add(f.row, f.req)
             STORE.finish_compaction(f.row)
         self._finishing = []
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        """``n`` pool slots, evicting unlocked radix-cache entries if needed; None if the pool has no room."""
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64)
+        slots = self.allocator.alloc(n)
+        if slots is None and STORE.tree_cache is not None:
+            self.allocator.evict_to_free_tokens(STORE.tree_cache, n)
+            slots = self.allocator.alloc(n)
+        return slots
 
     def _keep_uncompressed(self, f: _Finishing) -> None:
         logger.warning("hybridkv: request %s stays uncompressed: its compressed form needs more pool slots than "

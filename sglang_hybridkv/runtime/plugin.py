@@ -26,8 +26,9 @@ BACKEND = "hybridkv"
 # Architectures whose attention goes through RadixAttention with standard MHA/GQA KV (what the pool holds).
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                    "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"}
-# Flags implied by --kv-compression (v1: the compressed region is private to a request; see README).
-IMPLIED = ["--attention-backend", BACKEND, "--disable-radix-cache", "--disable-overlap-schedule"]
+# Flags implied by --kv-compression: compaction frees and rewrites pool slots between batches, which the overlap
+# scheduler (next batch prepared while this one runs) would race with. The radix cache stays as the user sets it.
+IMPLIED = ["--attention-backend", BACKEND, "--disable-overlap-schedule"]
 
 
 class StartupError(SystemExit):
@@ -45,8 +46,8 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.prepare_server_args", _prepare_server_args, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
                           _validate_request, HookType.BEFORE)
-    HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
-                          _update_meta_info, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._wait_one_response",
+                          _one_stats_dict, HookType.AROUND)
     config = HybridKVConfig.from_env()
     if config is not None and config.enabled:
         check_targets()
@@ -119,8 +120,9 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     _refuse_unsupported(server_args, config)
     os.environ[ENV_VAR] = config.to_json()
     logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
-    print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget} "
-          f"(radix cache and overlap scheduling off in this version)", file=sys.stderr)
+    radix = "off" if server_args.disable_radix_cache else "on (uncompressed prefixes shared, copy-on-compress)"
+    print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
+          f"overlap scheduling off", file=sys.stderr)
     return server_args
 
 
@@ -208,15 +210,23 @@ def _validate_request(self, obj, *args, **kwargs):
     return None
 
 
-def _update_meta_info(orig, self, meta_info, *args, **kwargs):
-    result = orig(self, meta_info, *args, **kwargs)
-    if "hybridkv" in meta_info:
-        reported = [x for x in meta_info["hybridkv"] if x] if isinstance(meta_info["hybridkv"], list) else []
-        if reported:
-            meta_info["hybridkv"] = dict(reported[-1])
-        else:
-            del meta_info["hybridkv"]
-    return result
+def _one_stats_dict(orig, self, *args, **kwargs):
+    """Every response (streamed chunks included): ``meta_info["hybridkv"]`` is one dict, or absent when the
+    request compressed nothing. SGLang accumulates per-request customized info as a list per request."""
+    responses = orig(self, *args, **kwargs)
+
+    async def normalized():
+        async for out in responses:
+            meta = out.get("meta_info") if isinstance(out, dict) else None
+            if meta is not None and isinstance(meta.get("hybridkv"), list):
+                reported = [x for x in meta["hybridkv"] if x]
+                if reported:
+                    meta["hybridkv"] = dict(reported[-1])
+                else:
+                    del meta["hybridkv"]
+            yield out
+
+    return normalized()
 
 
 __all__ = ["register", "request_config"]

@@ -15,6 +15,9 @@ def install(registry, hook_type) -> None:
     registry.register("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_skip_compacted,
                       hook_type.AROUND)
     registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _release_rows, hook_type.AFTER)
+    registry.register("sglang.srt.mem_cache.common.checkpoint_kv_cache", _unlock_compressed_prefix, hook_type.AFTER)
+    registry.register("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _keep_window_uncached,
+                      hook_type.AROUND)
     registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _release_all, hook_type.AFTER)
     registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
                       "build_additional_customized_info", _build_stats, hook_type.REPLACE)
@@ -30,16 +33,33 @@ def _attach_requests(result, *args, **kwargs):
 
     Keyed by row because the model runner may rebuild the ForwardBatch object before the backend sees it.
     """
-    from .plugin import request_config
-
     batch = next((a for a in args if hasattr(a, "reqs")), kwargs.get("batch"))
     if batch is None or not batch.forward_mode.is_extend():
         return result
+    STORE.tree_cache = getattr(batch, "tree_cache", None)
     for req in batch.reqs:
-        cfg = request_config(getattr(req.sampling_params, "custom_params", None))
+        cfg = _config_of(req)
         STORE.pending[req.kv.req_pool_idx] = {"rid": req.rid, "config": cfg, "media_mask": _media_mask(req),
                                            "full_len": len(req.origin_input_ids) + len(req.output_ids)}
     return result
+
+
+def _config_of(req):
+    """The request's config (server's + its overrides), parsed once per request; None when it compresses nothing."""
+    from .plugin import request_config
+
+    if not hasattr(req, "_hybridkv_config"):
+        cfg = request_config(getattr(req.sampling_params, "custom_params", None))
+        req._hybridkv_config = cfg if cfg is not None and cfg.enabled else None
+    return req._hybridkv_config
+
+
+def _keep_window_uncached(orig, self, input_len, *args, **kwargs):
+    """Radix cache on: never match the last ``window`` prompt tokens, so that their queries are computed and the
+    observation window (the question) is the same with and without a cache hit."""
+    limit = orig(self, input_len, *args, **kwargs)
+    cfg = _config_of(self)
+    return limit if cfg is None else max(0, min(limit, input_len - cfg.window))
 
 
 def _media_mask(req) -> torch.Tensor | None:
@@ -61,6 +81,21 @@ def _free_skip_compacted(orig, self, free_index, *args, **kwargs):
     if free_index.numel():
         free_index = free_index[free_index != 0]
     return orig(self, free_index, *args, **kwargs)
+
+
+def _unlock_compressed_prefix(result, req, tree_cache, *args, **kwargs):
+    """Radix cache on: once SGLang has inserted a compressed request's prompt into the tree (end of prefill), drop
+    the request's lock on it and keep the request's later tokens out of the tree.
+
+    The request decodes from its private compressed copy, so the uncompressed prefix is free to be shared by
+    later requests and evicted under memory pressure; at release SGLang then frees only the generated tokens.
+    """
+    kv = STORE.get(req.kv.req_pool_idx) if req.kv.holds_kv else None
+    if kv is not None and kv.rid == req.rid and kv.shared_prefix and not req.skip_radix_cache_insert:
+        tree_cache.unlock(req.lock)
+        req.lock = None
+        req.skip_radix_cache_insert = True
+    return result
 
 
 def _release_rows(result, self, rows, *args, **kwargs):
@@ -93,6 +128,8 @@ def _report_state(result, self, *args, **kwargs):
     resident = STORE.resident()
     result.internal_state["hybridkv"] = {
         "staging_available_tokens": int(sched.token_to_kv_pool_allocator.available_size()),
+        "radix_evictable_tokens": int(sched.tree_cache.evictable_size()),
+        "radix_protected_tokens": int(sched.tree_cache.protected_size()),
         "staging_max_total_tokens": int(sched.max_total_num_tokens),
         "compressed_requests_live": STORE.live, "compacted_total": STORE.compacted,
         "released_total": STORE.released, "pending_infos": len(STORE.pending),

@@ -39,6 +39,7 @@ class RequestKV:
     slots: torch.Tensor | None = None
     rows: dict[int, LayerRows] = field(default_factory=dict)
     nbytes: KVBytes = field(default_factory=KVBytes)  # device = the pool slots held; set at compaction
+    shared_prefix: bool = False  # radix cache on: the uncompressed prompt stays in the tree, unlocked after prefill
 
     def stats(self) -> dict:
         b = self.nbytes
@@ -55,6 +56,7 @@ class CompressedStore:
 
     def __init__(self) -> None:
         self.free_slots: Callable[[torch.Tensor], None] | None = None  # SGLang's allocator, bound by the backend
+        self.tree_cache = None  # SGLang's prefix cache, bound by the scheduler hooks (evicted for room)
         self.by_row: dict[int, RequestKV] = {}
         self.stats_by_rid: dict[str, dict] = {}
         self.pending: dict[int, dict] = {}  # row -> request info of the extend batch being prepared

@@ -23,6 +23,10 @@ TARGETS: dict[str, str] = {
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "AROUND: skip slots already freed at compaction",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows": "AFTER: release compressed KV of freed rows",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear": "AFTER: release all compressed KV",
+    "sglang.srt.mem_cache.common.checkpoint_kv_cache": "AFTER: radix on, unlock a compressed request's prompt",
+    "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len": "AROUND: recompute the observation window",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens":
+        "used: evict radix entries to make room for a compressed region",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.build_additional_customized_info":
         "REPLACE: emit meta_info['hybridkv']",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key":
@@ -31,8 +35,8 @@ TARGETS: dict[str, str] = {
         "AFTER: report pool and compressed-region counters in /server_info",
     # tokenizer manager: per-request validation and meta_info
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "BEFORE: validate overrides",
-    "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info":
-        "AROUND: meta_info['hybridkv'] is one dict, not a list",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._wait_one_response":
+        "AROUND: meta_info['hybridkv'] is one dict, not a list (streamed chunks included)",
 }
 
 

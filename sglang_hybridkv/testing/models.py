@@ -81,11 +81,7 @@ def _write_tiny_vl(tok, out_dir: str) -> None:
     tok.add_tokens(list(VISION_TOKENS), special_tokens=True)
     ids = tuple(tok.convert_tokens_to_ids(t) for t in VISION_TOKENS)
     vocab = -(-len(tok) // 64) * 64
-    model = tiny_qwen2_5_vl(vocab=vocab, special_ids=ids)
-    for cfg in (model.config, model.config.text_config):
-        cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    model = tiny_qwen2_5_vl(vocab=vocab, special_ids=ids, bos_eos=(tok.bos_token_id, tok.eos_token_id))
     model.config.torch_dtype = "float32"
     model.save_pretrained(out_dir, safe_serialization=True)
     sizes = {"shortest_edge": VL_MIN_PIXELS, "longest_edge": VL_MAX_PIXELS}

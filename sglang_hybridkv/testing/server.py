@@ -122,6 +122,20 @@ def hybridkv_state(url: str) -> dict:
     return get(url + "/server_info")["internal_states"][0].get("hybridkv", {})
 
 
+def wait_idle(url: str, timeout: float = 60) -> dict:
+    """Poll the plugin's counters until no request holds KV (every slot is free or an evictable radix entry and
+    no compressed region is live); returns the counters. Raises with them on timeout."""
+    deadline = time.time() + timeout
+    while True:
+        st = hybridkv_state(url)
+        held = st["staging_max_total_tokens"] - st["staging_available_tokens"] - st["radix_evictable_tokens"]
+        if st["compressed_requests_live"] == 0 and held == 0:
+            return st
+        if time.time() > deadline:
+            raise TimeoutError(f"server not idle after {timeout:.0f}s: {st}")
+        time.sleep(0.5)
+
+
 def _tail(path: str, n: int = 40) -> str:
     with open(path) as f:
         return "".join(f.readlines()[-n:])

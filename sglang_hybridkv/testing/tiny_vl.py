@@ -14,11 +14,12 @@ VOCAB = 151936
 
 
 def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2, vocab: int = VOCAB,
-                           special_ids: tuple[int, int, int, int] = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)):
+                           special_ids: tuple[int, int, int, int] = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD),
+                           bos_eos: tuple[int, int] = (151643, 151645)):
     """Config of a tiny Qwen2.5-VL (~20 M parameters at the real vocabulary size, most of it the embedding).
 
     ``special_ids`` are (vision_start, vision_end, image_pad, video_pad); a checkpoint that ships its own
-    tokenizer passes that tokenizer's ids and size.
+    tokenizer passes that tokenizer's ids, bos/eos ids and size.
     """
     start, end, image, video = special_ids
     from transformers import Qwen2_5_VLConfig
@@ -30,7 +31,8 @@ def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: in
             "num_hidden_layers": layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
             "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                                  "mrope_section": [8, 12, 12]},
-            "tie_word_embeddings": False, "initializer_range": 0.2,
+            "tie_word_embeddings": False, "initializer_range": 0.2, "bos_token_id": bos_eos[0],
+            "eos_token_id": bos_eos[1],
         },
         vision_config={
             "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size":
@@ -38,7 +40,7 @@ def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: in
             "window_size": 56, "fullatt_block_indexes": [1],
         },
         image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
-        tie_word_embeddings=False,
+        bos_token_id=bos_eos[0], eos_token_id=bos_eos[1], tie_word_embeddings=False,
     )
 
 
