@@ -44,9 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="PNG", default=None)
     a = p.parse_args(argv)
     quick = {"pool_tokens": 4096, "requests": 24, "frames": 64, "output_len": 16,
-             "rows": "none,snapkv@0.1,hybridkv@0.1,hybridkv@0.2"}
-    full = {"pool_tokens": 8192, "requests": 48, "frames": 96, "output_len": 32,
-            "rows": "none,snapkv@0.1,snapkv@0.2,hybridkv@0.05,hybridkv@0.1,hybridkv@0.2,hybridkv@0.5"}
+             "rows": "none,snapkv@0.1,hybridkv@0.1"}
+    full = {"pool_tokens": 6144, "requests": 40, "frames": 64, "output_len": 32,
+            "rows": "none,snapkv@0.1,hybridkv@0.05,hybridkv@0.1,hybridkv@0.2,hybridkv@0.5"}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -99,7 +99,8 @@ def run_row(url: str, policy: str, budget: float, prompts: list[str], output_len
     params = {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}
     if policy != "none":
         params["custom_params"] = {"hybridkv": {"policy": policy, "budget": budget}}
-    solo, _ = asyncio.run(_burst(url, prompts[:1], params))  # prefill cost alone, no queueing
+    # Prefill cost alone, no queueing: best of two (the first request after start-up pays lazy initialisation).
+    solo = min((asyncio.run(_burst(url, prompts[:1], params))[0] for _ in range(2)), key=lambda r: r[0]["ttft"])
     offset = len(server_log(url))
     results, wall = asyncio.run(_burst(url, prompts, params))
     time.sleep(1)

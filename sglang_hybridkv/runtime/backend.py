@@ -154,6 +154,7 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
             self._write_to_pool(f.req, slots)
             STORE.add(f.row, f.req)
             STORE.finish_compaction(f.row)
+            STORE.freed_by_compaction = True
         self._finishing = []
 
     def _alloc(self, n: int) -> torch.Tensor | None:

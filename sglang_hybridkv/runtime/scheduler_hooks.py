@@ -18,6 +18,8 @@ def install(registry, hook_type) -> None:
     registry.register("sglang.srt.mem_cache.common.checkpoint_kv_cache", _unlock_compressed_prefix, hook_type.AFTER)
     registry.register("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _keep_window_uncached,
                       hook_type.AROUND)
+    registry.register("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", _reopen_admission,
+                      hook_type.BEFORE)
     registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _release_all, hook_type.AFTER)
     registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
                       "build_additional_customized_info", _build_stats, hook_type.REPLACE)
@@ -95,7 +97,17 @@ def _unlock_compressed_prefix(result, req, tree_cache, *args, **kwargs):
         tree_cache.unlock(req.lock)
         req.lock = None
         req.skip_radix_cache_insert = True
+        STORE.freed_by_compaction = True  # the prefix is evictable now: room for admission
     return result
+
+
+def _reopen_admission(self, *args, **kwargs):
+    """SGLang stops admitting once a prompt did not fit (``batch_is_full``) until a request leaves; compaction
+    frees slots without any request leaving, so it reopens admission itself."""
+    running_batch = kwargs["running_batch"] if "running_batch" in kwargs else args[-1]
+    if STORE.freed_by_compaction:
+        STORE.freed_by_compaction = False
+        running_batch.batch_is_full = False
 
 
 def _release_rows(result, self, rows, *args, **kwargs):

@@ -57,6 +57,7 @@ class CompressedStore:
     def __init__(self) -> None:
         self.free_slots: Callable[[torch.Tensor], None] | None = None  # SGLang's allocator, bound by the backend
         self.tree_cache = None  # SGLang's prefix cache, bound by the scheduler hooks (evicted for room)
+        self.freed_by_compaction = False  # set when compaction gave slots back; reopens admission
         self.by_row: dict[int, RequestKV] = {}
         self.stats_by_rid: dict[str, dict] = {}
         self.pending: dict[int, dict] = {}  # row -> request info of the extend batch being prepared

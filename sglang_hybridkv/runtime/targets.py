@@ -25,6 +25,8 @@ TARGETS: dict[str, str] = {
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear": "AFTER: release all compressed KV",
     "sglang.srt.mem_cache.common.checkpoint_kv_cache": "AFTER: radix on, unlock a compressed request's prompt",
     "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len": "AROUND: recompute the observation window",
+    "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw":
+        "BEFORE: reopen admission after compaction freed slots",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens":
         "used: evict radix entries to make room for a compressed region",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.build_additional_customized_info":
