@@ -5,10 +5,12 @@ with ``--kv-compression hybridkv``, whose rows pick policy and budget per reques
 compressed row runs on the same pool in the same process. Both servers run with the radix cache and overlap
 scheduling off (the plugin turns overlap off; distinct prompts share little, and a tree of evictable prompts
 would blur what the pool holds), so the pool's free slots are the only variable. Each row sends all its long
-captioned-video requests (SmolLM2, real weights) at once through a small async streaming client and reads from
-SGLang's own decode log how many requests were running at once.
+long requests at once through a small async streaming client and reads from SGLang's own decode log how many
+requests were running at once. Workloads: ``captions`` (captioned-video prompts, SmolLM2 with real weights) or
+``images`` (videos as frames, each an image, on a tiny random Qwen2.5-VL: SGLang's multimodal path).
 
     .venv/bin/python benchmarks/serving.py --quick --json out.json
+    .venv/bin/python benchmarks/serving.py --quick --workload images --json out.json
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import time
 
 from sglang_hybridkv.testing.captioned_video import sign_number
+from sglang_hybridkv.testing.frames import data_url, frame_png, vl_prompt
 from sglang_hybridkv.testing.models import cached_checkpoint, kv_bytes_per_token
 from sglang_hybridkv.testing.server import server_log, sglang_server
 
@@ -32,12 +35,15 @@ BASELINE = ["--disable-radix-cache", "--disable-overlap-schedule"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-path", default=None, help="default: SmolLM2-135M-Instruct, converted offline")
+    p.add_argument("--workload", default="captions", choices=["captions", "images"])
+    p.add_argument("--model-path", default=None,
+                   help="default: SmolLM2-135M-Instruct (captions) or a tiny random Qwen2.5-VL (images), offline")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer rows and requests (within 8 minutes on 2 cores)")
     p.add_argument("--pool-tokens", type=int, default=None, help="--max-total-tokens of both servers")
     p.add_argument("--requests", type=int, default=None, help="requests per row, all sent at once")
-    p.add_argument("--frames", type=int, default=None, help="captioned frames per prompt (~12 tokens each)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per request: captions ~12 tokens each (default 64), images 64 tokens each (default 12)")
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--rows", default=None, help="comma list of policy@budget, e.g. none,snapkv@0.1,hybridkv@0.1")
     p.add_argument("--json", metavar="PATH")
@@ -47,6 +53,8 @@ def parse_args(argv=None):
              "rows": "none,snapkv@0.1,hybridkv@0.1"}
     full = {"pool_tokens": 6144, "requests": 40, "frames": 64, "output_len": 32,
             "rows": "none,snapkv@0.1,hybridkv@0.05,hybridkv@0.1,hybridkv@0.2,hybridkv@0.5"}
+    if a.workload == "images":
+        quick["frames"] = full["frames"] = 12
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -59,11 +67,11 @@ def _parse_row(spec: str) -> tuple[str, float]:
     return policy, float(budget or 1.0)
 
 
-async def _one(session, url: str, prompt: str, params: dict) -> dict:
+async def _one(session, url: str, body: dict, params: dict) -> dict:
     """Stream one /generate request; returns TTFT, end-to-end time, output tokens and the final meta_info."""
     t0 = time.perf_counter()
     ttft, last = None, None
-    async with session.post(url + "/generate", json={"text": prompt, "sampling_params": params, "stream": True}) as r:
+    async with session.post(url + "/generate", json={**body, "sampling_params": params, "stream": True}) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
         async for raw in r.content:
@@ -79,13 +87,13 @@ async def _one(session, url: str, prompt: str, params: dict) -> dict:
             "hybridkv": meta.get("hybridkv")}
 
 
-async def _burst(url: str, prompts: list[str], params: dict) -> tuple[list[dict], float]:
+async def _burst(url: str, bodies: list[dict], params: dict) -> tuple[list[dict], float]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(_one(session, url, p, params) for p in prompts))
+        results = await asyncio.gather(*(_one(session, url, b, params) for b in bodies))
         return results, time.perf_counter() - t0
 
 
@@ -94,15 +102,15 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def run_row(url: str, policy: str, budget: float, prompts: list[str], output_len: int, full_bytes_per_token: int,
+def run_row(url: str, policy: str, budget: float, bodies: list[dict], output_len: int, full_bytes_per_token: int,
             solo_ttft_none: float | None) -> dict:
     params = {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}
     if policy != "none":
         params["custom_params"] = {"hybridkv": {"policy": policy, "budget": budget}}
     # Prefill cost alone, no queueing: best of two (the first request after start-up pays lazy initialisation).
-    solo = min((asyncio.run(_burst(url, prompts[:1], params))[0] for _ in range(2)), key=lambda r: r[0]["ttft"])
+    solo = min((asyncio.run(_burst(url, bodies[:1], params))[0] for _ in range(2)), key=lambda r: r[0]["ttft"])
     offset = len(server_log(url))
-    results, wall = asyncio.run(_burst(url, prompts, params))
+    results, wall = asyncio.run(_burst(url, bodies, params))
     time.sleep(1)
     running = [int(m) for m in re.findall(r"Decode batch.*?#running-req: (\d+)", server_log(url)[offset:])]
     tpot = [(r["e2e"] - r["ttft"]) / max(1, r["out"] - 1) for r in results]
@@ -153,9 +161,16 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    model = args.model_path or cached_checkpoint("smollm2")
-    rng = random.Random(0)
-    prompts = [sign_number(rng, args.frames).text for _ in range(args.requests)]
+    if args.workload == "images":
+        model = args.model_path or cached_checkpoint("tiny-qwen2.5-vl")
+        # Distinct videos (frames offset per request), so no two requests share image tokens.
+        bodies = [{"text": vl_prompt("What happens in this video?", args.frames),
+                   "image_data": [data_url(frame_png(100 * r + i)) for i in range(args.frames)]}
+                  for r in range(args.requests)]
+    else:
+        model = args.model_path or cached_checkpoint("smollm2")
+        rng = random.Random(0)
+        bodies = [{"text": sign_number(rng, args.frames).text} for _ in range(args.requests)]
     per_token = kv_bytes_per_token(model, 4 if args.device == "cpu" else 2)
     rows: list[dict] = []
     groups = [("none", BASELINE + LOG), ("hybridkv", ["--kv-compression", "hybridkv", "--disable-radix-cache"] + LOG)]
@@ -167,14 +182,15 @@ def main(argv=None) -> dict:
         with sglang_server(model, extra_args=extra, device=args.device, max_total_tokens=args.pool_tokens,
                            progress=True) as url:
             for policy, budget in wanted:
-                print(f"  [{policy} @ {budget}] {args.requests} requests of ~{args.frames * 12} tokens ... "
+                print(f"  [{policy} @ {budget}] {args.requests} requests of {args.frames} frames ... "
                       f"({time.time() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
                 solo_none = next((r["solo_ttft_s"] for r in rows if r["policy"] == "none"), None)
-                rows.append(run_row(url, policy, budget, prompts, args.output_len, per_token, solo_none))
+                rows.append(run_row(url, policy, budget, bodies, args.output_len, per_token, solo_none))
                 print(f"    peak running {rows[-1]['peak_running']}, {rows[-1]['throughput_tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
     print_table(args.pool_tokens, rows)
-    report = {"pool_tokens": args.pool_tokens, "device": args.device, "model": model, "frames": args.frames,
+    report = {"pool_tokens": args.pool_tokens, "device": args.device, "model": model, "workload": args.workload,
+              "frames": args.frames,
               "output_len": args.output_len, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
