@@ -126,6 +126,17 @@ def run_row(url: str, policy: str, budget: float, bodies: list[dict], output_len
             "prefill_overhead": solo[0]["ttft"] / solo_ttft_none if solo_ttft_none else 1.0}
 
 
+def make_requests(workload: str, n: int, frames: int, row: int) -> list[dict]:
+    """``n`` request bodies. Images: distinct videos in every request and every row, so neither SGLang's vision
+    embedding cache nor the radix cache carries work from one row to the next."""
+    if workload == "images":
+        return [{"text": vl_prompt("What happens in this video?", frames),
+                 "image_data": [data_url(frame_png(100_000 * row + 100 * r + i)) for i in range(frames)]}
+                for r in range(n)]
+    rng = random.Random(0)
+    return [{"text": sign_number(rng, frames).text} for _ in range(n)]
+
+
 def print_table(pool: int, rows: list[dict]) -> None:
     print(f"\npool {pool} tokens, {rows[0]['requests']} concurrent requests per row")
     print(f"{'policy':>10} {'budget':>6} {'peak run':>8} {'tok/s':>7} {'TTFT p50':>8} {'p99':>7} {'TPOT p50':>8} "
@@ -161,16 +172,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.workload == "images":
-        model = args.model_path or cached_checkpoint("tiny-qwen2.5-vl")
-        # Distinct videos (frames offset per request), so no two requests share image tokens.
-        bodies = [{"text": vl_prompt("What happens in this video?", args.frames),
-                   "image_data": [data_url(frame_png(100 * r + i)) for i in range(args.frames)]}
-                  for r in range(args.requests)]
-    else:
-        model = args.model_path or cached_checkpoint("smollm2")
-        rng = random.Random(0)
-        bodies = [{"text": sign_number(rng, args.frames).text} for _ in range(args.requests)]
+    model = args.model_path or cached_checkpoint("tiny-qwen2.5-vl" if args.workload == "images" else "smollm2")
     per_token = kv_bytes_per_token(model, 4 if args.device == "cpu" else 2)
     rows: list[dict] = []
     groups = [("none", BASELINE + LOG), ("hybridkv", ["--kv-compression", "hybridkv", "--disable-radix-cache"] + LOG)]
@@ -185,6 +187,7 @@ def main(argv=None) -> dict:
                 print(f"  [{policy} @ {budget}] {args.requests} requests of {args.frames} frames ... "
                       f"({time.time() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
                 solo_none = next((r["solo_ttft_s"] for r in rows if r["policy"] == "none"), None)
+                bodies = make_requests(args.workload, args.requests, args.frames, row=len(rows))
                 rows.append(run_row(url, policy, budget, bodies, args.output_len, per_token, solo_none))
                 print(f"    peak running {rows[-1]['peak_running']}, {rows[-1]['throughput_tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
