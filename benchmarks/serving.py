@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import time
 from sglang_hybridkv.testing.captioned_video import sign_number
 from sglang_hybridkv.testing.frames import data_url, frame_png, vl_prompt
 from sglang_hybridkv.testing.models import cached_checkpoint, kv_bytes_per_token
-from sglang_hybridkv.testing.server import server_log, sglang_server
+from sglang_hybridkv.testing.server import decode_running_counts, server_log, sglang_server
 
 LOG = ["--log-level", "info", "--decode-log-interval", "1"]
 BASELINE = ["--disable-radix-cache", "--disable-overlap-schedule"]
@@ -112,7 +111,7 @@ def run_row(url: str, policy: str, budget: float, bodies: list[dict], output_len
     offset = len(server_log(url))
     results, wall = asyncio.run(_burst(url, bodies, params))
     time.sleep(1)
-    running = [int(m) for m in re.findall(r"Decode batch.*?#running-req: (\d+)", server_log(url)[offset:])]
+    running = decode_running_counts(url, offset)
     tpot = [(r["e2e"] - r["ttft"]) / max(1, r["out"] - 1) for r in results]
     if policy == "none":
         kv_dev = statistics.mean(r["prompt"] for r in results) * full_bytes_per_token

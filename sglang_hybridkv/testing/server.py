@@ -114,7 +114,16 @@ def server_log(url: str) -> str:
 def decode_slot_counts(url: str, after: int = 0) -> list[int]:
     """SGLang's own count of KV slots in use at each logged decode step, past log offset ``after`` (the server
     must run with ``--log-level info --decode-log-interval 1``)."""
-    return [int(m) for m in re.findall(r"Decode batch.*?#token: (\d+)", server_log(url)[after:])]
+    return _decode_field(url, after, "#token")
+
+
+def decode_running_counts(url: str, after: int = 0) -> list[int]:
+    """SGLang's own count of running requests at each logged decode step (same log settings)."""
+    return _decode_field(url, after, "#running-req")
+
+
+def _decode_field(url: str, after: int, name: str) -> list[int]:
+    return [int(m) for m in re.findall(rf"Decode batch.*?{name}: (\d+)", server_log(url)[after:])]
 
 
 def hybridkv_state(url: str) -> dict:
