@@ -53,9 +53,8 @@ class _Finishing:
 class HybridKVTorchBackend(TorchNativeAttnBackend):
     """See the module docstring. Metadata is built once per batch in :meth:`init_forward_metadata`."""
 
-    def __init__(self, model_runner, config: HybridKVConfig) -> None:
+    def __init__(self, model_runner) -> None:
         super().__init__(model_runner)
-        self.config = config  # the server's; each request's own (overrides applied) comes with the batch
         self.allocator = model_runner.token_to_kv_pool_allocator
         STORE.free_slots = self.allocator.free
         self.radix = not model_runner.server_args.disable_radix_cache
@@ -122,40 +121,40 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         return o
 
     def _commit_compaction(self) -> None:
-        """After the last layer: free each prompt's staging slots and move its device tier into pool slots."""
-        req_to_token = self.req_to_token_pool.req_to_token
+        """After the last layer: move each compressed prompt's device tier into pool slots."""
         for f in self._finishing:
-            n = pool_region.slots_needed(f.req.layers)
-            if self.radix:  # the tree takes over the prompt's slots after this batch
-                slots = self._alloc(n)
-                if slots is None:
-                    self._keep_uncompressed(f)
-                    continue
-                f.req.shared_prefix = True
-                self._write_to_pool(f.req, slots)
-                STORE.add(f.row, f.req)
-                STORE.finish_compaction(f.row)
+            slots = self._take_slots(f, pool_region.slots_needed(f.req.layers))
+            if slots is None:
+                self._keep_uncompressed(f)
                 continue
-            extra = None
-            if n > f.seq_len:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
-                extra = self._alloc(n - f.seq_len)
-                if extra is None:
-                    self._keep_uncompressed(f)
-                    continue
-            staging = req_to_token[f.row, : f.seq_len].clone()
-            # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
-            # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
-            req_to_token[f.row, : f.seq_len] = 0
-            self.allocator.free(staging[staging != 0])
-            # Just freed f.seq_len slots and nothing ran in between, so this allocation cannot fail.
-            slots = self._alloc(min(n, f.seq_len))
-            if extra is not None:
-                slots = torch.cat([slots, extra])
             self._write_to_pool(f.req, slots)
             STORE.add(f.row, f.req)
             STORE.finish_compaction(f.row)
-            STORE.freed_by_compaction = True
         self._finishing = []
+
+    def _take_slots(self, f: _Finishing, n: int) -> torch.Tensor | None:
+        """``n`` slots for ``f``'s compressed region; without the radix cache, also free its prompt's slots.
+
+        None (and nothing freed) when the pool has no room.
+        """
+        if self.radix:  # the tree takes over the prompt's slots after this batch; the lock is dropped then
+            f.req.shared_prefix = True
+            return self._alloc(n)
+        extra = None
+        if n > f.seq_len:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
+            extra = self._alloc(n - f.seq_len)
+            if extra is None:
+                return None
+        req_to_token = self.req_to_token_pool.req_to_token
+        staging = req_to_token[f.row, : f.seq_len].clone()
+        # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
+        # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
+        req_to_token[f.row, : f.seq_len] = 0
+        self.allocator.free(staging[staging != 0])
+        STORE.freed_by_compaction = True
+        # Just freed f.seq_len slots and nothing ran in between, so this allocation cannot fail.
+        slots = self._alloc(min(n, f.seq_len))
+        return slots if extra is None else torch.cat([slots, extra])
 
     def _alloc(self, n: int) -> torch.Tensor | None:
         """``n`` pool slots, evicting unlocked radix-cache entries if needed; None if the pool has no room."""
@@ -168,8 +167,8 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         return slots
 
     def _keep_uncompressed(self, f: _Finishing) -> None:
-        logger.warning("hybridkv: request %s stays uncompressed: its compressed form needs more pool slots than "
-                       "its prompt and the pool has no room (budget %.2f)", f.req.rid, f.req.config.budget)
+        logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed form, even "
+                       "after evicting radix-cache entries (budget %.2f)", f.req.rid, f.req.config.budget)
         STORE.stats_by_rid[f.req.rid] = {**f.req.stats(), "compressed": False}
 
     def _write_to_pool(self, req: RequestKV, slots: torch.Tensor) -> None:
@@ -207,7 +206,7 @@ class HybridKVTorchBackend(TorchNativeAttnBackend):
         seq_lens = forward_batch.seq_lens_cpu.tolist()
         k_new = k.view(-1, hkv, d)
         v_new = v.view(-1, hkv, d)
-        plain = [i for i in range(len(rows)) if i not in set(compressed)]
+        plain = sorted(set(range(len(rows))) - set(compressed))
         if plain:
             idx = torch.tensor(plain, device=q.device)
             sub_o = torch.empty_like(o_[idx])

@@ -78,12 +78,11 @@ def _register_backend() -> None:
     def _factory(model_runner):
         from .backend import HybridKVTorchBackend
 
-        config = active_config()
-        if config is None:
+        if active_config() is None:
             raise RuntimeError(f"attention backend '{BACKEND}' needs --kv-compression (none was given)")
         if model_runner.device != "cpu":
             raise RuntimeError("the hybridkv GPU decode path is not wired into SGLang yet; use --device cpu")
-        return HybridKVTorchBackend(model_runner, config)
+        return HybridKVTorchBackend(model_runner)
 
     add_attention_backend_choices([BACKEND])
 

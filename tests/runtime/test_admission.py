@@ -6,10 +6,10 @@ import concurrent.futures as cf
 import pytest
 
 from sglang_hybridkv.testing.server import decode_running_counts, post, server_log, sglang_server
+from tests.runtime.filler import filler
 
 pytestmark = pytest.mark.slow
 LOG = ["--log-level", "info", "--decode-log-interval", "1", "--disable-radix-cache"]
-WORDS = "red car parked near a tree while two people walk past the bakery on the corner at noon".split()
 PARAMS = {"max_new_tokens": 48, "temperature": 0, "ignore_eos": True}
 
 
@@ -23,7 +23,7 @@ def _peak_running(checkpoint, extra, prompts):
 
 
 def test_freed_slots_admit_more_requests_on_the_same_pool(tiny_llama_checkpoint):
-    prompts = [f"Clip {s}: " + " ".join(WORDS[(i * (s + 2)) % len(WORDS)] for i in range(560)) for s in range(8)]
+    prompts = [filler("Clip", s, 560) for s in range(8)]
     none = _peak_running(tiny_llama_checkpoint, [], prompts)
     compressed = _peak_running(tiny_llama_checkpoint, ["--kv-compression", "hybridkv", "--hybridkv-budget", "0.1"],
                                prompts)

@@ -7,15 +7,11 @@ import json
 import pytest
 
 from sglang_hybridkv.testing.server import get, post, sglang_server, wait_idle
+from tests.runtime.filler import filler
 
 pytestmark = pytest.mark.slow
 POOL = 2500
-WORDS = "red car parked near a tree while two people walk past the bakery on the corner at noon".split()
 GEN = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
-
-
-def _context(seed: int, n: int = 600) -> str:
-    return f"Video {seed}: " + " ".join(WORDS[(i * (seed + 3)) % len(WORDS)] for i in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def _idle_clean(url):
 
 
 def test_budget_one_same_with_radix_on_and_off(radix_server, tiny_llama_checkpoint):
-    prompts = [_context(s) + " What happened?" for s in (1, 2)]
+    prompts = [filler("Video", s) + " What happened?" for s in (1, 2)]
     params = dict(GEN, custom_params={"hybridkv": {"budget": 1.0}})
     # Twice each: the second request of a prompt extends over the cached uncompressed prefix.
     on = [post(radix_server + "/generate", {"text": p, "sampling_params": params}) for p in prompts + prompts]
@@ -49,7 +45,7 @@ def test_budget_one_same_with_radix_on_and_off(radix_server, tiny_llama_checkpoi
 
 
 def test_follow_up_turns_hit_the_cache_and_recompress(radix_server):
-    history, prev_prompt = _context(7), 0
+    history, prev_prompt = filler("Video", 7), 0
     for turn, question in enumerate(["Q: what?", "Q: where?", "Q: who?"]):
         history += f"\n{question}\nA:"
         out = post(radix_server + "/generate", {"text": history, "sampling_params": GEN})
@@ -66,7 +62,7 @@ def test_follow_up_turns_hit_the_cache_and_recompress(radix_server):
 
 
 def test_shared_system_prompt_across_many_requests(radix_server):
-    system = _context(11, 500)
+    system = filler("Video", 11, 500)
     first = post(radix_server + "/generate", {"text": system + " Question 0?", "sampling_params": GEN})
     shared = first["meta_info"]["prompt_tokens"] - 5
     with cf.ThreadPoolExecutor(12) as ex:
@@ -82,7 +78,7 @@ def test_eviction_under_a_small_pool(radix_server):
     # 8 distinct 600-token prompts, 4 at a time, into a 2,500-slot pool: the tree must evict old prefixes.
     with cf.ThreadPoolExecutor(4) as ex:
         outs = list(ex.map(lambda s: post(radix_server + "/generate", {
-            "text": _context(100 + s) + " Summary?", "sampling_params": GEN}), range(8)))
+            "text": filler("Video", 100 + s) + " Summary?", "sampling_params": GEN}), range(8)))
     assert all(o["meta_info"]["completion_tokens"] == GEN["max_new_tokens"] for o in outs)
     st = _idle_clean(radix_server)
     assert st["radix_evictable_tokens"] < 8 * 600  # old prefixes were evicted, not kept beyond the pool
