@@ -23,9 +23,9 @@ import torch
 from ..config import HybridKVConfig
 from ..core.attention import decode_attention
 from ..core.cache import CompressedLayer, KVBytes
-from ..core.plan import LayerPlan, LayerStats, text_only_media_mask
+from ..core.compress import plan_layer, prompt_media_mask
+from ..core.plan import LayerPlan
 from ..core.policies import make_policy
-from ..core.window import window_attention
 from . import attention_hook
 
 
@@ -37,7 +37,8 @@ class PrefillState:
         keys, values: per layer ``(H, L, D)`` full prompt KV.
         q_window: per layer ``(Hq, w_max, D)`` queries of the last ``w_max`` prompt positions.
         scaling: per layer softmax scale.
-        media_mask: ``(L,)`` bool.
+        media_mask: ``(L,)`` bool as given, or None for a text-only request (the span then depends on the
+            window, decided per config by :func:`core.compress.prompt_media_mask`).
         logits: ``(vocab,)`` next-token logits after the prompt (the same for every policy).
         positions: ``(..., 1, L)`` the position ids decode continues from (3 rows for mrope).
     """
@@ -141,10 +142,10 @@ class HybridKVRunner:
         seq_len = input_ids.shape[1]
         if seq_len == 0:
             raise ValueError("empty prompt")
+        if media_mask is not None and media_mask.numel() != seq_len:
+            raise ValueError(f"media_mask has {media_mask.numel()} entries for a {seq_len}-token prompt")
         state = PrefillState()
-        state.media_mask = (media_mask if media_mask is not None else text_only_media_mask(seq_len, 32)).cpu().bool()
-        if state.media_mask.numel() != seq_len:
-            raise ValueError(f"media_mask has {state.media_mask.numel()} entries for a {seq_len}-token prompt")
+        state.media_mask = None if media_mask is None else media_mask.detach().cpu().bool().clone()
         base = getattr(self.model, "model", None)
         if base is not None and hasattr(base, "rope_deltas"):
             base.rope_deltas = None  # a fresh request: Qwen2.5-VL recomputes its mrope deltas
@@ -169,17 +170,12 @@ class HybridKVRunner:
         policy = make_policy(config)
         t0 = time.perf_counter()
         seq_len = state.seq_len
-        # A text-only prompt's media span depends on the window; a given mask is kept as is.
-        mask = state.media_mask.clone()
         w = min(config.window, seq_len)
-        mask[seq_len - w:] = False  # the observation window is the question: never media, never evicted
+        mask = prompt_media_mask(seq_len, w, state.media_mask)
         layers, plans = {}, {}
         for idx in sorted(state.keys):
             k, v = state.keys[idx], state.values[idx]
-            probs = None
-            if policy.needs_window:
-                probs = window_attention(state.q_window[idx][:, -w:], k, state.scaling[idx])
-            plan = policy.plan(LayerStats(probs, mask, k.shape[0], idx))
+            plan = plan_layer(policy, state.q_window[idx][:, -w:], k, mask, idx, state.scaling[idx])
             plans[idx] = plan
             layers[idx] = CompressedLayer(plan, k, v)
         return CompressedCache(config, layers, plans, state.next_position.clone(), 0, time.perf_counter() - t0)

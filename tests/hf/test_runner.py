@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from sglang_hybridkv.config import HybridKVConfig
+from sglang_hybridkv.core.compress import plan_layer, prompt_media_mask
+from sglang_hybridkv.core.policies import make_policy
 from sglang_hybridkv.hf.runner import HybridKVRunner
 from sglang_hybridkv.testing.captioned_video import make_tasks
 from sglang_hybridkv.testing.tiny_vl import image_inputs, tiny_qwen2_5_vl
@@ -85,3 +87,33 @@ def test_tiny_qwen2_5_vl_image_request():
     assert int(plan.keep_len.min()) >= text_len
     assert cache.nbytes().device < cache.nbytes().full
     assert len(runner.generate(state, cache, 6)) == 6
+
+
+@pytest.mark.parametrize("knobs", [
+    {},
+    {"window": 16},
+    {"window": 16, "policy": "snapkv", "budget": 0.2},
+    {"policy": "all_dynamic", "chunk_size": 32, "sink": 0},
+    {"theta": 0.5, "pool_kernel": 1, "recent": 8, "classifier": "entropy"},
+])
+@pytest.mark.parametrize("text_only", [False, True])
+def test_runner_plans_are_the_shared_compression_step(smol, knobs, text_only):
+    """The HF path plans through core.compress exactly as a server calling it with the same inputs would."""
+    runner, tok, task, ids, mask, state = smol
+    if text_only:
+        state = runner.prefill(ids[:, :200])
+    cfg = HybridKVConfig(**knobs)
+    cache = runner.compress(state, cfg)
+    seq_len = state.seq_len
+    media = prompt_media_mask(seq_len, cfg.window, None if text_only else mask)
+    # The window is never media; a text-only prompt's media span is everything before its window.
+    assert not media[seq_len - cfg.window:].any()
+    if text_only:
+        assert bool(media[: seq_len - cfg.window].all())
+    policy = make_policy(cfg)
+    for idx, plan in cache.plans.items():
+        q_win = state.q_window[idx][:, -cfg.window:]
+        ref = plan_layer(policy, q_win, state.keys[idx], media, idx, state.scaling[idx])
+        for f in ("static", "keep_idx", "keep_len", "host_idx", "need"):
+            assert torch.equal(getattr(plan, f), getattr(ref, f)), (idx, f)
+        assert (plan.top_k, plan.chunk_size) == (ref.top_k, ref.chunk_size)
