@@ -10,7 +10,6 @@ no ``--kv-compression`` (or ``none``) nothing else is hooked and SGLang runs unc
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import sys
 
 
 from ..config import ENV_VAR, ConfigError, HybridKVConfig
+from .requests import active_config, request_config
 from .targets import IncompatibleSGLang, check_targets
 
 logger = logging.getLogger("sglang_hybridkv")
@@ -29,6 +29,8 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "
 # Flags implied by --kv-compression: compaction frees and rewrites pool slots between batches, which the overlap
 # scheduler (next batch prepared while this one runs) would race with. The radix cache stays as the user sets it.
 IMPLIED = ["--attention-backend", BACKEND, "--disable-overlap-schedule"]
+# On CUDA, graphs are off: the decode plan's shapes follow the batch (see README, "GPU").
+IMPLIED_CUDA = ["--disable-prefill-cuda-graph", "--disable-decode-cuda-graph"]
 
 
 class StartupError(SystemExit):
@@ -56,17 +58,6 @@ def register() -> None:
         scheduler_hooks.install(HookRegistry, HookType)
 
 
-def active_config() -> HybridKVConfig | None:
-    """The server's config when compression is on (parsed once per value of the environment variable)."""
-    return _parse_env(os.environ.get(ENV_VAR))
-
-
-@functools.lru_cache(maxsize=4)
-def _parse_env(raw: str | None) -> HybridKVConfig | None:
-    cfg = HybridKVConfig.from_env({ENV_VAR: raw} if raw else {})
-    return cfg if cfg is not None and cfg.enabled else None
-
-
 def _register_backend() -> None:
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
     from sglang.srt.server_args import add_attention_backend_choices
@@ -76,13 +67,12 @@ def _register_backend() -> None:
 
     @register_attention_backend(BACKEND)
     def _factory(model_runner):
-        from .backend import HybridKVTorchBackend
+        from .backend import make_backend
 
-        if active_config() is None:
+        config = active_config()
+        if config is None:
             raise RuntimeError(f"attention backend '{BACKEND}' needs --kv-compression (none was given)")
-        if model_runner.device != "cpu":
-            raise RuntimeError("the hybridkv GPU decode path is not wired into SGLang yet; use --device cpu")
-        return HybridKVTorchBackend(model_runner)
+        return make_backend(model_runner, config)
 
     add_attention_backend_choices([BACKEND])
 
@@ -115,13 +105,15 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     except IncompatibleSGLang as e:
         raise StartupError(str(e)) from None
     argv = _strip_backend_flags(argv, config)
-    server_args = orig(argv + IMPLIED, *args, **kwargs)
+    implied = IMPLIED + (IMPLIED_CUDA if _device(argv) == "cuda" else [])
+    server_args = orig(argv + implied, *args, **kwargs)
     _refuse_unsupported(server_args, config)
     os.environ[ENV_VAR] = config.to_json()
     logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
     radix = "off" if server_args.disable_radix_cache else "on (uncompressed prefixes shared, copy-on-compress)"
+    graphs = "; CUDA graphs off" if server_args.device == "cuda" else ""
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
-          f"overlap scheduling off", file=sys.stderr)
+          f"overlap scheduling off{graphs}", file=sys.stderr)
     return server_args
 
 
@@ -169,13 +161,23 @@ def _refuse_unsupported(sa, config: HybridKVConfig) -> None:
         problems.append(f"--page-size {val('page_size')} (the staging pool must be token-granular)")
     if val("enable_mixed_chunk"):
         problems.append("--enable-mixed-chunk")
-    if val("device") not in ("cpu",):
-        problems.append(f"--device {val('device')} (the GPU decode path is not wired into SGLang yet; CPU only)")
+    if val("device") not in ("cpu", "cuda"):
+        problems.append(f"--device {val('device')} (supported: cpu, cuda)")
+    if val("enable_streaming_session"):
+        problems.append("--enable-streaming-session (a session's requests share KV rows that compaction rewrites)")
     arch = _architecture(val("model_path"))
     if arch is not None and arch not in SUPPORTED_ARCHS:
         problems.append(f"model architecture {arch} (supported: {sorted(SUPPORTED_ARCHS)})")
     if problems:
         raise StartupError(f"--kv-compression {config.policy} does not work with " + "; ".join(problems))
+
+
+def _device(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name == "--device":
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
 
 
 def _architecture(model_path: str | None) -> str | None:
@@ -190,22 +192,15 @@ def _architecture(model_path: str | None) -> str | None:
 
 
 # ---- tokenizer-manager side (launcher process) ------------------------------------------------------
-def request_config(custom_params) -> HybridKVConfig | None:
-    """The config of one request: the server's, with the request's ``custom_params["hybridkv"]`` applied."""
-    base = active_config()
-    params = (custom_params or {}).get("hybridkv") if isinstance(custom_params, dict) else None
-    if base is None:
-        if params:
-            raise ConfigError("custom_params.hybridkv was given but the server runs without --kv-compression")
-        return None
-    return base.with_request(params)
-
-
 def _validate_request(self, obj, *args, **kwargs):
     sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]
     for sp in sps:
-        cp = sp.get("custom_params") if isinstance(sp, dict) else getattr(sp, "custom_params", None)
-        request_config(cp)  # raises ConfigError (a ValueError: SGLang answers 400 with the message)
+        get = sp.get if isinstance(sp, dict) else (lambda k, sp=sp: getattr(sp, k, None))
+        cfg = request_config(get("custom_params"))  # raises ConfigError (a ValueError: SGLang answers 400)
+        if cfg is not None and cfg.enabled and (get("beam_width") or 1) > 1:
+            raise ConfigError(f"beam search (beam_width={get('beam_width')}) does not work with KV compression: "
+                              "beam members copy rows that compaction rewrote; send "
+                              "custom_params={'hybridkv': {'policy': 'none'}} to run it uncompressed")
     return None
 
 
@@ -228,4 +223,4 @@ def _one_stats_dict(orig, self, *args, **kwargs):
     return normalized()
 
 
-__all__ = ["register", "request_config"]
+__all__ = ["register"]

@@ -1,21 +1,18 @@
-"""The compressed region inside SGLang's own KV pool.
+"""Layout of a request's compressed region inside SGLang's own KV pool, and its decode tables.
 
-Each request's compressed prompt KV lives in pool slots that SGLang's allocator handed out, so the scheduler's
-admission, retraction and idle leak check all see it, and memory freed by compaction is really free.
-
-One slot of SGLang's MHA pool holds, in every layer, one token's K and V for all ``H`` KV heads: ``H`` rows of
-``D`` in the layer's key buffer and ``H`` in its value buffer. The ``S`` slots of a request are used as
-``S * H`` rows per layer, packed per layer in this order:
+One slot of SGLang's MHA pool holds, in every layer, one token's K and V for all ``H`` KV heads. Viewed as
+rows (``(slots * H, D)``, row ``slot * H + h``), the ``S`` slots of a request give ``S * H`` rows per layer,
+packed per layer in this order:
 
 - each head's kept prompt tokens (K rows in the key buffer, V rows in the value buffer);
-- each dynamic head's chunk summaries (min keys in the key buffer, max keys in the value buffer: one row per
+- each dynamic head's chunk summaries (min key in the key buffer, max key in the value buffer: one row per
   chunk);
-- each dynamic head's retrieval buffer, ``min(top_k * chunk, n_host)`` rows, reserved so that the device
-  figure is what a GPU needs (there, retrieved chunks are copied into it); the CPU decode reads them from the
-  host tier directly.
+- each dynamic head's retrieval buffer, ``min(top_k * chunk, n_host)`` rows: every decode step copies the
+  chunks selected for the current query from the host tier into it.
 
-``S = max over layers of ceil(rows / H)``; rows a layer does not use are the packing waste, counted in the
-device bytes every report gives.
+``S = max over layers of ceil(rows / H)``; rows a layer does not use are packing waste, counted in the device
+bytes every report gives. :func:`layout` returns the tables the batched decode path reads (all ``(L, H, ·)``,
+padded per request), so decode never touches per-layer Python objects.
 """
 
 from __future__ import annotations
@@ -29,23 +26,36 @@ from ..core.cache import CompressedLayer
 
 
 @dataclass
-class LayerRows:
-    """Where one layer's compressed KV lives in the pool's flattened ``(slots * H, D)`` buffers.
+class RegionTables:
+    """Where a compressed request's rows live, per layer ``L`` and KV head ``H`` (row ids of the pool view).
 
     Attributes:
-        dev: ``(H, P)`` rows of each head's kept tokens (entries past ``dev_len`` repeat a valid row; masked).
-        summaries: ``(H_d, C)`` rows of the dynamic heads' chunk summaries.
+        kept_rows: ``(L, H, P)`` rows of each head's kept prompt tokens, valid up to ``kept_len``.
+        kept_len: ``(L, H)``.
+        sum_rows: ``(L, H, C)`` summary rows of each dynamic head's chunks, valid up to ``n_chunks``.
+        n_chunks: ``(L, H)`` (0 for static heads).
+        host_pages: ``(L, H, C)`` host-tier page of each chunk.
+        n_host: ``(L, H)`` tokens a dynamic head keeps in the host tier.
+        buf_rows: ``(L, H, R)`` retrieval-buffer rows, valid up to ``buf_len``.
+        buf_len: ``(L, H)``.
+        top_k: ``(L, H)`` chunks retrieved per step.
     """
 
-    dev: torch.Tensor
-    summaries: torch.Tensor
+    kept_rows: torch.Tensor
+    kept_len: torch.Tensor
+    sum_rows: torch.Tensor
+    n_chunks: torch.Tensor
+    host_pages: torch.Tensor
+    n_host: torch.Tensor
+    buf_rows: torch.Tensor
+    buf_len: torch.Tensor
+    top_k: torch.Tensor
 
 
 def rows_needed(layer: CompressedLayer) -> int:
     """Pool rows (one head, one token) that ``layer`` occupies: kept tokens, summaries, retrieval buffers."""
     n_dyn, n_chunks = layer.kmin.shape[0], layer.kmin.shape[1]
-    buffer = min(layer.retrieved * layer.chunk_size, layer.k_host.shape[1])
-    return int(layer.dev_len.sum()) + n_dyn * (n_chunks + buffer)
+    return int(layer.dev_len.sum()) + n_dyn * (n_chunks + _buffer_len(layer))
 
 
 def slots_needed(layers: dict[int, CompressedLayer]) -> int:
@@ -55,47 +65,68 @@ def slots_needed(layers: dict[int, CompressedLayer]) -> int:
     return max(math.ceil(rows_needed(cl) / h) for cl in layers.values())
 
 
-def place(layer: CompressedLayer, slots: torch.Tensor) -> LayerRows:
-    """Assign ``layer``'s tensors to rows of ``slots`` (in the layout of the module docstring)."""
-    h = layer.num_heads
+def host_pages_needed(layers: dict[int, CompressedLayer]) -> int:
+    """Host-tier pages (one chunk of one head) the request needs; every layer uses the same page ids."""
+    return max((cl.kmin.shape[0] * cl.kmin.shape[1] for cl in layers.values()), default=0)
+
+
+def _buffer_len(layer: CompressedLayer) -> int:
+    return min(layer.retrieved * layer.chunk_size, layer.k_host.shape[1])
+
+
+def layout(layers: dict[int, CompressedLayer], slots: torch.Tensor, pages: torch.Tensor) -> RegionTables:
+    """Assign every layer's kept KV, summaries and buffers to rows of ``slots``; dynamic heads' chunks to
+    host ``pages`` (``layers`` must cover layers ``0..L-1``)."""
+    num_layers = len(layers)
+    first = layers[0]
+    h = first.num_heads
     rows = (slots.long()[:, None] * h + torch.arange(h, device=slots.device)).flatten()
-    if rows_needed(layer) > rows.numel():
-        raise ValueError(f"layer needs {rows_needed(layer)} pool rows but {slots.numel()} slots give {rows.numel()}")
-    dev_len = layer.dev_len.to(rows.device)
-    starts = torch.cumsum(dev_len, 0) - dev_len
-    p = layer.k_dev.shape[1]
-    offs = torch.minimum(torch.arange(p, device=rows.device)[None], (dev_len - 1).clamp(min=0)[:, None])
-    dev = rows[(starts[:, None] + offs).clamp(max=rows.numel() - 1)] if rows.numel() else \
-        torch.zeros(h, p, dtype=torch.long, device=rows.device)
-    n_dyn, c = layer.kmin.shape[0], layer.kmin.shape[1]
-    first = int(dev_len.sum())
-    summaries = rows[first: first + n_dyn * c].view(n_dyn, c)
-    return LayerRows(dev, summaries)
+    p = max(int(cl.dev_len.max()) if h else 0 for cl in layers.values())
+    c = max(cl.kmin.shape[1] for cl in layers.values())
+    r = max(_buffer_len(cl) for cl in layers.values())
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.long)
+    t = RegionTables(z(num_layers, h, p), z(num_layers, h), z(num_layers, h, c), z(num_layers, h),
+                     z(num_layers, h, c), z(num_layers, h), z(num_layers, h, r), z(num_layers, h), z(num_layers, h))
+    for l in range(num_layers):
+        cl = layers[l]
+        if rows_needed(cl) > rows.numel():
+            raise ValueError(f"layer {l} needs {rows_needed(cl)} pool rows but {slots.numel()} slots give {rows.numel()}")
+        dev_len = cl.dev_len.cpu().long()
+        starts = torch.cumsum(dev_len, 0) - dev_len
+        offs = torch.arange(p)[None]
+        kept = (starts[:, None] + offs).clamp(max=max(rows.numel() - 1, 0))
+        t.kept_rows[l] = torch.where(offs < dev_len[:, None], rows.cpu()[kept] if rows.numel() else 0, 0)
+        t.kept_len[l] = dev_len
+        dyn = cl.dyn_heads.cpu().long()
+        n_dyn, n_c = cl.kmin.shape[0], cl.kmin.shape[1]
+        if n_dyn == 0 or n_c == 0:
+            continue
+        base = int(dev_len.sum())
+        summaries = rows.cpu()[base: base + n_dyn * n_c].view(n_dyn, n_c)
+        b = _buffer_len(cl)
+        buffers = rows.cpu()[base + n_dyn * n_c: base + n_dyn * (n_c + b)].view(n_dyn, b)
+        t.sum_rows[l, dyn, :n_c] = summaries
+        t.n_chunks[l, dyn] = n_c
+        t.host_pages[l, dyn, :n_c] = pages.cpu().long()[: n_dyn * n_c].view(n_dyn, n_c)
+        t.n_host[l, dyn] = cl.k_host.shape[1]
+        t.buf_rows[l, dyn, :b] = buffers
+        t.buf_len[l, dyn] = b
+        t.top_k[l, dyn] = cl.retrieved
+    return t
 
 
-def write(k_buffer: torch.Tensor, v_buffer: torch.Tensor, layer: CompressedLayer, where: LayerRows) -> None:
-    """Copy ``layer``'s kept KV and summaries into the pool (``k_buffer``/``v_buffer``: ``(slots, H, D)``)."""
+def write(k_buffer: torch.Tensor, v_buffer: torch.Tensor, layer: CompressedLayer, tables: RegionTables,
+          layer_id: int) -> None:
+    """Copy ``layer``'s kept KV and chunk summaries into the pool (``k_buffer``/``v_buffer``: ``(slots, H, D)``)."""
     d = layer.head_dim
     k_flat, v_flat = k_buffer.view(-1, d), v_buffer.view(-1, d)
+    dev = k_flat.device
     valid = torch.arange(layer.k_dev.shape[1], device=layer.k_dev.device)[None] < layer.dev_len[:, None]
-    idx = where.dev[valid]
+    idx = tables.kept_rows[layer_id, :, : layer.k_dev.shape[1]].to(layer.k_dev.device)[valid].to(dev)
     k_flat[idx] = layer.k_dev[valid].to(k_flat.dtype)
     v_flat[idx] = layer.v_dev[valid].to(v_flat.dtype)
-    if where.summaries.numel():
-        k_flat[where.summaries.flatten()] = layer.kmin.reshape(-1, d).to(k_flat.dtype)
-        v_flat[where.summaries.flatten()] = layer.kmax.reshape(-1, d).to(v_flat.dtype)
-
-
-def load(k_buffer: torch.Tensor, v_buffer: torch.Tensor, layer: CompressedLayer, where: LayerRows) -> None:
-    """Point ``layer``'s device tensors at copies read from the pool (for one decode step)."""
-    d = k_buffer.shape[-1]
-    k_flat, v_flat = k_buffer.view(-1, d), v_buffer.view(-1, d)
-    layer.k_dev, layer.v_dev = k_flat[where.dev], v_flat[where.dev]
-    layer.kmin, layer.kmax = k_flat[where.summaries], v_flat[where.summaries]
-
-
-def unload(layer: CompressedLayer) -> None:
-    """Drop ``layer``'s device copies; the pool holds the data (empty tensors keep ``H`` and ``D``)."""
-    h, d = layer.num_heads, layer.head_dim
-    layer.k_dev = layer.v_dev = layer.k_dev.new_empty(h, 0, d)
-    layer.kmin = layer.kmax = layer.k_dev.new_empty(layer.dyn_heads.numel(), 0, d)
+    n_dyn, n_c = layer.kmin.shape[0], layer.kmin.shape[1]
+    if n_dyn and n_c:
+        rows = tables.sum_rows[layer_id, layer.dyn_heads.cpu().long(), :n_c].flatten().to(dev)
+        k_flat[rows] = layer.kmin.reshape(-1, d).to(k_flat.dtype)
+        v_flat[rows] = layer.kmax.reshape(-1, d).to(v_flat.dtype)

@@ -1,10 +1,14 @@
-"""Hooks installed in SGLang scheduler processes when compression is on (see ``targets.TARGETS``)."""
+"""Hooks installed in SGLang scheduler processes when compression is on (see ``targets.TARGETS``).
+
+State flows along SGLang's own objects, never through a module-level store: a request's handle lives on its
+``Req`` (``requests.handle_of``); the scheduler hands the handles of an extend batch to the backend on the
+``ForwardBatch``; the backend's :class:`~.regions.Regions` is SGLang's ``ReqToTokenPool`` aux cache, which is
+how the scheduler-side hooks (admission, busy-time memory check, ``/server_info``) reach it.
+"""
 
 from __future__ import annotations
 
-import torch
-
-from .store import STORE
+from .requests import handle_of
 
 
 def install(registry, hook_type) -> None:
@@ -14,13 +18,13 @@ def install(registry, hook_type) -> None:
                       hook_type.AFTER)
     registry.register("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_skip_compacted,
                       hook_type.AROUND)
-    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows", _release_rows, hook_type.AFTER)
     registry.register("sglang.srt.mem_cache.common.checkpoint_kv_cache", _unlock_compressed_prefix, hook_type.AFTER)
     registry.register("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _keep_window_uncached,
                       hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw", _reopen_admission,
                       hook_type.BEFORE)
-    registry.register("sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear", _release_all, hook_type.AFTER)
+    registry.register("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker."
+                      "_get_total_uncached_sizes", _count_regions_as_busy, hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
                       "build_additional_customized_info", _build_stats, hook_type.REPLACE)
     registry.register("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer."
@@ -30,52 +34,49 @@ def install(registry, hook_type) -> None:
     SchedulerOutputStreamer.has_additional_customized_info = True
 
 
-def _attach_requests(result, *args, **kwargs):
-    """Tell the backend, per request row, what it needs: id, full prompt length, config and media span.
+def _regions(req_to_token_pool):
+    """The backend's regions (attached as the pool's aux cache), or None before the backend exists."""
+    from .regions import Regions
 
-    Keyed by row because the model runner may rebuild the ForwardBatch object before the backend sees it.
+    aux = getattr(req_to_token_pool, "_aux_cache", None)
+    return aux if isinstance(aux, Regions) else None
+
+
+def _attach_requests(result, *args, **kwargs):
+    """Hand the backend, per request row of an extend batch, its handle and full length (prompt + outputs),
+    and the live prefix cache (its mode decides how compaction takes slots; it is evicted for room).
+
+    Through the regions rather than on the ForwardBatch, because SGLang's eager runner copies the batch
+    field by field before the backend sees it; the backend takes them in ``init_forward_metadata``.
     """
-    batch = next((a for a in args if hasattr(a, "reqs")), kwargs.get("batch"))
+    batch = next((a for a in args if hasattr(a, "reqs") and not isinstance(a, type)), kwargs.get("batch"))
     if batch is None or not batch.forward_mode.is_extend():
         return result
-    STORE.tree_cache = getattr(batch, "tree_cache", None)
+    items = []
     for req in batch.reqs:
-        cfg = _config_of(req)
-        STORE.pending[req.kv.req_pool_idx] = {"rid": req.rid, "config": cfg, "media_mask": _media_mask(req),
-                                           "full_len": len(req.origin_input_ids) + len(req.output_ids)}
+        h = handle_of(req)
+        if h.config is None:
+            items.append(None)
+            continue
+        if h.unlocked:  # a re-prefill after retraction: the next compaction unlocks again
+            req.skip_radix_cache_insert = False
+            h.unlocked = False
+        items.append((h, len(req.origin_input_ids) + len(req.output_ids)))
+    regions = _regions(batch.req_to_token_pool)
+    if regions is not None:
+        rows = [req.kv.req_pool_idx for req in batch.reqs]
+        regions.incoming = {r: x for r, x in zip(rows, items) if x is not None}
+        regions.tree_cache = getattr(batch, "tree_cache", None)
     return result
 
 
-def _config_of(req):
-    """The request's config (server's + its overrides), parsed once per request; None when it compresses nothing."""
-    from .plugin import request_config
-
-    if not hasattr(req, "_hybridkv_config"):
-        cfg = request_config(getattr(req.sampling_params, "custom_params", None))
-        req._hybridkv_config = cfg if cfg is not None and cfg.enabled else None
-    return req._hybridkv_config
-
-
 def _keep_window_uncached(orig, self, input_len, *args, **kwargs):
-    """Radix cache on: never match the last ``window`` prompt tokens, so that their queries are computed and the
-    observation window (the question) is the same with and without a cache hit."""
+    """Never match the prompt's last ``window`` tokens from the prefix cache, so that their queries are
+    computed and the observation window (the question) is the same with and without a cache hit, and after a
+    retraction (when the matched input also holds the generated tokens)."""
     limit = orig(self, input_len, *args, **kwargs)
-    cfg = _config_of(self)
-    return limit if cfg is None else max(0, min(limit, input_len - cfg.window))
-
-
-def _media_mask(req) -> torch.Tensor | None:
-    """True on image/video token positions (from the processor's offsets); None for text-only requests."""
-    mm = getattr(req, "multimodal_inputs", None)
-    items = getattr(mm, "mm_items", None) if mm is not None else None
-    if not items:
-        return None
-    n = len(req.origin_input_ids) + len(req.output_ids)
-    mask = torch.zeros(n, dtype=torch.bool)
-    for item in items:
-        for start, end in getattr(item, "offsets", None) or []:
-            mask[int(start): int(end) + 1] = True  # offsets are inclusive
-    return mask
+    h = handle_of(self)
+    return limit if h.config is None else max(0, min(limit, h.prompt_len - h.window))
 
 
 def _free_skip_compacted(orig, self, free_index, *args, **kwargs):
@@ -92,40 +93,38 @@ def _unlock_compressed_prefix(result, req, tree_cache, *args, **kwargs):
     The request decodes from its private compressed copy, so the uncompressed prefix is free to be shared by
     later requests and evicted under memory pressure; at release SGLang then frees only the generated tokens.
     """
-    kv = STORE.get(req.kv.req_pool_idx) if req.kv.holds_kv else None
-    if kv is not None and kv.rid == req.rid and kv.shared_prefix and not req.skip_radix_cache_insert:
+    h = getattr(req, "hybridkv", None)
+    if h is not None and h.pending_unlock:
         tree_cache.unlock(req.lock)
         req.lock = None
         req.skip_radix_cache_insert = True
-        STORE.freed_by_compaction = True  # the prefix is evictable now: room for admission
+        h.pending_unlock, h.unlocked = False, True
     return result
 
 
 def _reopen_admission(self, *args, **kwargs):
     """SGLang stops admitting once a prompt did not fit (``batch_is_full``) until a request leaves; compaction
-    frees slots without any request leaving, so it reopens admission itself."""
-    running_batch = kwargs["running_batch"] if "running_batch" in kwargs else args[-1]
-    if STORE.freed_by_compaction:
-        STORE.freed_by_compaction = False
+    frees slots (or makes a prefix evictable) without any request leaving, so it reopens admission itself."""
+    regions = _regions(self.req_to_token_pool)
+    if regions is not None and regions.admission_seen != regions.compacted:
+        regions.admission_seen = regions.compacted
+        running_batch = kwargs["running_batch"] if "running_batch" in kwargs else args[-1]
         running_batch.batch_is_full = False
 
 
-def _release_rows(result, self, rows, *args, **kwargs):
-    STORE.release_rows(rows)
-    return result
-
-
-def _release_all(result, *args, **kwargs):
-    STORE.release_all()
-    return result
+def _count_regions_as_busy(orig, self, *args, **kwargs):
+    """SGLang's busy-time check counts each running request's row; compressed regions hold slots outside any
+    row, and compaction (radix off) gave the prompt's slots back while the row still counts them."""
+    full, swa = orig(self, *args, **kwargs)
+    regions = _regions(self.req_to_token_pool)
+    return (full if regions is None else full + regions.busy_adjustment()), swa
 
 
 def _build_stats(self, reqs):
     values = []
     for req in reqs:
-        stats = STORE.stats_by_rid.get(req.rid)
-        if stats is not None and req.finished():
-            STORE.stats_by_rid.pop(req.rid, None)
+        h = getattr(req, "hybridkv", None)
+        stats = None if h is None else h.stats
         values.append([stats] if stats is not None else [])  # SGLang accumulates lists per request
     return {"hybridkv": values}
 
@@ -135,17 +134,24 @@ def _request_level_key(self, key: str) -> bool:
 
 
 def _report_state(result, self, *args, **kwargs):
-    """``/server_info`` -> ``internal_states[i]["hybridkv"]``: pool and compressed-region counters."""
+    """``/server_info`` -> ``internal_states[i]["hybridkv"]``: pool, region and decode-plan counters."""
     sched = self.scheduler
-    resident = STORE.resident()
-    result.internal_state["hybridkv"] = {
+    regions = _regions(sched.req_to_token_pool)
+    backend = sched.tp_worker.model_runner.attn_backend
+    state = {
         "staging_available_tokens": int(sched.token_to_kv_pool_allocator.available_size()),
         "radix_evictable_tokens": int(sched.tree_cache.evictable_size()),
         "radix_protected_tokens": int(sched.tree_cache.protected_size()),
         "staging_max_total_tokens": int(sched.max_total_num_tokens),
-        "compressed_requests_live": STORE.live, "compacted_total": STORE.compacted,
-        "released_total": STORE.released, "pending_infos": len(STORE.pending),
-        "compressed_slots_held": STORE.slots_held, "resident_device_bytes": resident.device_total,
-        "host_tier_bytes": STORE.host_bytes, "host_tier_bytes_peak": STORE.host_bytes_peak,
     }
+    if regions is not None:
+        state.update({
+            "compressed_requests_live": regions.live, "compacted_total": regions.compacted,
+            "released_total": regions.released, "compressed_slots_held": regions.slots_held,
+            "host_tier_bytes": regions.host_bytes, "host_tier_bytes_peak": regions.host_bytes_peak,
+            "host_tier_pages_used": regions.host.used_pages,
+            "decode_batches": backend.decode_batches, "decode_plans_built": backend.planner.builds,
+            "decode_table_builds": backend.planner.table_builds,
+        })
+    result.internal_state["hybridkv"] = state
     return result

@@ -19,12 +19,15 @@ TARGETS: dict[str, str] = {
     "sglang.srt.server_args.add_attention_backend_choices": "allow --attention-backend hybridkv",
     # scheduler: backend, accounting, per-request stats
     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend": "base class of the CPU backend",
+    "sglang.srt.layers.attention.triton_backend.TritonAttnBackend": "base class of the CUDA backend",
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.attach_aux_cache":
+        "used: regions are the pool's aux cache (freed with their rows, cleared with the pool)",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": "AFTER: attach per-request info",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "AROUND: skip slots already freed at compaction",
-    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows": "AFTER: release compressed KV of freed rows",
-    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.clear": "AFTER: release all compressed KV",
+    "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes":
+        "AROUND: the busy-time memory check counts compressed regions",
     "sglang.srt.mem_cache.common.checkpoint_kv_cache": "AFTER: radix on, unlock a compressed request's prompt",
-    "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len": "AROUND: recompute the observation window",
+    "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len": "AROUND: never serve the prompt's window from the cache",
     "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw":
         "BEFORE: reopen admission after compaction freed slots",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens":

@@ -33,7 +33,8 @@ def test_backend_flags_are_taken_over_or_refused():
 def _args(**kw):
     base = dict(speculative_algorithm=None, disaggregation_mode="null", enable_hierarchical_cache=False,
                 enable_lmcache=False, enable_hisparse=False, enable_dp_attention=False, tp_size=1, pp_size=1,
-                dp_size=1, page_size=1, enable_mixed_chunk=False, device="cpu", model_path=None)
+                dp_size=1, page_size=1, enable_mixed_chunk=False, device="cpu", model_path=None,
+                enable_streaming_session=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -45,7 +46,8 @@ def _args(**kw):
     ({"enable_dp_attention": True}, "DP attention"),
     ({"tp_size": 2}, "--tp-size 2"),
     ({"page_size": 16}, "--page-size 16"),
-    ({"device": "cuda"}, "--device cuda"),
+    ({"device": "npu"}, "--device npu"),
+    ({"enable_streaming_session": True}, "--enable-streaming-session"),
 ])
 def test_unsupported_combinations_are_named(kw, words):
     plugin._refuse_unsupported(_args(), HybridKVConfig())  # the supported baseline passes
@@ -58,3 +60,18 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["DeepseekV3ForCausalLM"]}')
     with pytest.raises(plugin.StartupError, match="DeepseekV3ForCausalLM"):
         plugin._refuse_unsupported(_args(model_path=str(tmp_path)), HybridKVConfig())
+
+
+def test_cuda_is_accepted_with_graphs_off():
+    plugin._refuse_unsupported(_args(device="cuda"), HybridKVConfig())
+    assert plugin._device(["--model-path", "m", "--device", "cuda"]) == "cuda"
+    assert plugin._device(["--device=cpu"]) == "cpu"
+
+
+def test_beam_search_is_refused_per_request_unless_uncompressed(monkeypatch):
+    monkeypatch.setenv("SGLANG_HYBRIDKV_CONFIG", HybridKVConfig().to_json())
+    obj = types.SimpleNamespace(sampling_params={"beam_width": 2})
+    with pytest.raises(ConfigError, match="beam search"):
+        plugin._validate_request(None, obj)
+    obj.sampling_params["custom_params"] = {"hybridkv": {"policy": "none"}}
+    plugin._validate_request(None, obj)

@@ -1,0 +1,217 @@
+"""Compaction at the end of a request's prefill: plan per KV head, move what survives into the pool.
+
+Compression is a function of the prompt alone. The observation window is the prompt's last ``window``
+positions, whichever extend chunks computed them (chunked prefill, a prompt split to fit a batch, a
+re-prefill after retraction): every extend batch stashes the window queries it computes on the request's
+handle, and the batch that completes the request's fill compacts its prompt (``origin_input_ids``) with
+them. Tokens after the prompt (outputs recomputed after a retraction) stay in the request's ordinary slots,
+like tokens generated later.
+
+Per layer, right after the stock extend attention, :meth:`CompactionBatch.after_layer` plans with
+``core.compress`` (the same step the HF reference path runs) and keeps a compact copy; after the last
+layer :meth:`CompactionBatch.commit` allocates the region's pool slots and host pages, writes them and
+registers the region. With the radix cache off the prompt's staging slots are freed first; with it on, the
+tree takes them over after this batch and the scheduler hooks drop the request's lock
+(``handle.pending_unlock``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.cache import CompressedLayer, KVBytes
+from ..core.compress import plan_layer, prompt_media_mask
+from ..core.digest import kept_digest
+from ..core.plan import LayerPlan
+from ..core.policies import make_policy
+from . import pool_region
+from .host_tier import HostTier
+from .regions import Region, Regions
+from .requests import RequestHandle
+
+logger = logging.getLogger("sglang_hybridkv")
+
+
+@dataclass
+class _Entry:
+    """One request of the extend batch that has window positions in this chunk or completes its fill."""
+
+    handle: RequestHandle
+    row: int
+    q_start: int  # first query row of the request in the batch
+    pos_start: int  # first position this extend computes (prefix length)
+    pos_end: int  # sequence length after this extend
+    finishing: bool
+    layers: dict[int, CompressedLayer] = field(default_factory=dict)
+    plans: dict[int, LayerPlan] = field(default_factory=dict)
+
+
+class CompactionBatch:
+    """Per extend batch: window-query stash and compaction (see the module docstring)."""
+
+    def __init__(self, entries: list[_Entry], radix: bool, tree_cache) -> None:
+        self.entries = entries
+        self.finishing = [e for e in entries if e.finishing]
+        self.radix = radix
+        self.tree_cache = tree_cache
+
+    @classmethod
+    def build(cls, forward_batch, incoming: dict[int, tuple], tree_cache) -> "CompactionBatch | None":
+        """From the handles the scheduler handed over for this batch (``row -> (handle, full length)``);
+        None when nothing to do."""
+        if not incoming:
+            return None
+        rows = forward_batch.req_pool_indices.tolist()
+        seq_lens = forward_batch.seq_lens_cpu.tolist()
+        ext = forward_batch.extend_seq_lens_cpu
+        entries, q_start = [], 0
+        for i, row in enumerate(rows):
+            item = incoming.get(row)
+            q_len = int(ext[i])
+            if item is not None:
+                handle, full_len = item
+                end, start = int(seq_lens[i]), int(seq_lens[i]) - q_len
+                w = handle.window
+                in_window = start < handle.prompt_len and end > handle.prompt_len - w
+                finishing = end == full_len and handle.prompt_len > 0
+                if in_window or finishing:
+                    if start == 0 or handle.q_filled is None:
+                        handle.q_window, handle.q_filled = {}, torch.zeros(w, dtype=torch.bool)
+                    entries.append(_Entry(handle, rows[i], q_start, start, end, finishing))
+            q_start += q_len
+        if not entries:
+            return None
+        radix = tree_cache is not None and not getattr(tree_cache, "disable", True)
+        return cls(entries, radix=radix, tree_cache=tree_cache)
+
+    # ---- per layer ----------------------------------------------------------------------------------
+    def after_layer(self, layer, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    req_to_token: torch.Tensor) -> None:
+        """Stash this chunk's window queries; plan and compact the requests whose fill completes.
+
+        Args:
+            q: ``(tokens, Hq * D)`` this batch's queries of the layer (post-RoPE).
+            k_cache, v_cache: ``(slots, H, D)`` the layer's pool buffers (this chunk already written).
+        """
+        q_all = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        lid = layer.layer_id
+        for e in self.entries:
+            h = e.handle
+            w = h.window
+            first = h.prompt_len - w
+            lo, hi = max(first, e.pos_start), min(h.prompt_len, e.pos_end)
+            if lo < hi:
+                buf = h.q_window.get(lid)
+                if buf is None:
+                    buf = h.q_window[lid] = q_all.new_zeros(layer.tp_q_head_num, w, layer.qk_head_dim)
+                buf[:, lo - first: hi - first] = q_all[e.q_start + lo - e.pos_start: e.q_start + hi - e.pos_start].transpose(0, 1)
+                if lid == 0:
+                    h.q_filled[lo - first: hi - first] = True
+            if not e.finishing or not bool(h.q_filled.all()):
+                continue
+            slots = req_to_token[e.row, : h.prompt_len].long()
+            keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
+            values = v_cache[slots].transpose(0, 1)
+            policy = _policy(h.config)
+            mask = prompt_media_mask(h.prompt_len, w, h.media_mask)
+            plan = plan_layer(policy, h.q_window.get(lid), keys, mask, lid, layer.scaling)
+            e.plans[lid] = plan
+            e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
+
+    # ---- after the last layer -----------------------------------------------------------------------
+    def commit(self, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier) -> None:
+        """Move each finishing request's compressed prompt into the pool."""
+        for e in self.finishing:
+            h = e.handle
+            h.q_window, h.q_filled = {}, None
+            if len(e.layers) != kv_pool.layer_num:
+                logger.warning("hybridkv: request %s stays uncompressed: its observation window was not fully "
+                               "computed in this prefill", h.rid)
+                h.stats = {"policy": h.config.policy, "compressed": False, "prompt_tokens": h.prompt_len}
+                continue
+            n_slots = pool_region.slots_needed(e.layers)
+            staging = req_to_token_pool.req_to_token[e.row, : h.prompt_len].clone()
+            slots = self._take_slots(allocator, req_to_token_pool, e, staging, n_slots)
+            if slots is None:
+                logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed "
+                               "form, even after evicting radix-cache entries (budget %.2f)", h.rid, h.config.budget)
+                h.stats = {**_plan_stats(h, e), "compressed": False}
+                continue
+            pages = host.alloc(pool_region.host_pages_needed(e.layers))
+            tables = pool_region.layout(e.layers, slots, pages)
+            for lid, cl in e.layers.items():
+                pool_region.write(kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid), cl, tables, lid)
+                if cl.k_host.shape[1] and cl.dyn_heads.numel():
+                    host.write(lid, pages, cl.k_host, cl.v_host)
+            region = Region(h.rid, h.prompt_len, e.pos_end, h.config.retrieval_interval, slots, pages, 0 if self.radix else h.prompt_len,
+                            tables, int(pages.numel()) * host.page_bytes)
+            regions.add(e.row, region)
+            h.stats = _stats(h, e, region, kv_pool)
+            h.pending_unlock = self.radix
+            s = h.stats
+            logger.info("hybridkv: compressed request %s (%d prompt tokens, %s @ %.2f): %d static / %d dynamic heads, "
+                        "device KV %d -> %d bytes (%.1fx), host tier %d bytes", h.rid, h.prompt_len, h.config.policy,
+                        h.config.budget, s["static_heads"], s["dynamic_heads"], s["kv_bytes_full"],
+                        s["kv_bytes_device"], s["kv_bytes_full"] / max(1, s["kv_bytes_device"]), s["kv_bytes_host"])
+
+    def _take_slots(self, allocator, req_to_token_pool, e: _Entry, staging: torch.Tensor, n: int):
+        """``n`` slots for the region; radix cache off: the prompt's staging slots are freed first."""
+        if self.radix:  # the tree takes the prompt's slots over after this batch
+            return _alloc(allocator, self.tree_cache, n)
+        p = staging.numel()
+        extra = None
+        if n > p:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
+            extra = _alloc(allocator, self.tree_cache, n - p)
+            if extra is None:
+                return None
+        # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
+        # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
+        req_to_token_pool.req_to_token[e.row, :p] = 0
+        allocator.free(staging[staging != 0])
+        slots = _alloc(allocator, self.tree_cache, min(n, p))  # just freed p slots: cannot fail
+        return slots if extra is None else torch.cat([slots, extra])
+
+
+def _alloc(allocator, tree_cache, n: int) -> torch.Tensor | None:
+    """``n`` pool slots, evicting unlocked radix-cache entries if needed; None if the pool has no room."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64)
+    slots = allocator.alloc(n)
+    if slots is None and tree_cache is not None:
+        allocator.evict_to_free_tokens(tree_cache, n)
+        slots = allocator.alloc(n)
+    return slots
+
+
+@functools.lru_cache(maxsize=64)
+def _policy(cfg):
+    """Policies are stateless apart from a loaded head profile: one per distinct (frozen) config."""
+    return make_policy(cfg)
+
+
+def _plan_stats(h: RequestHandle, e: _Entry) -> dict:
+    n_static = sum(int(p.static.sum()) for p in e.plans.values())
+    n_heads = sum(p.static.numel() for p in e.plans.values())
+    media = 0 if h.media_mask is None else int(h.media_mask.sum())
+    return {"policy": h.config.policy, "budget": h.config.budget, "prompt_tokens": h.prompt_len,
+            "media_tokens": media, "static_heads": n_static, "dynamic_heads": n_heads - n_static,
+            "kept_digest": kept_digest(e.plans)}
+
+
+def _stats(h: RequestHandle, e: _Entry, region: Region, kv_pool) -> dict:
+    """Stats of a compacted request: every byte of the slots it holds counts as device KV."""
+    logical = KVBytes()
+    for cl in e.layers.values():
+        logical = logical + cl.nbytes()
+    first = e.layers[0]
+    slot_bytes = 2 * kv_pool.layer_num * first.num_heads * first.head_dim * first.k_dev.element_size()
+    tables = region.tables
+    table_bytes = 4 * (tables.kept_len.sum().item() + tables.n_chunks.sum().item())  # int32 row ids per step
+    device = int(region.slots.numel()) * slot_bytes
+    return {**_plan_stats(h, e), "compressed": True, "kv_slots_device": int(region.slots.numel()),
+            "kv_bytes_full": logical.full, "kv_bytes_device": device + int(table_bytes),
+            "kv_bytes_host": region.host_bytes, "kv_bytes_metadata": int(table_bytes)}

@@ -1,0 +1,179 @@
+"""The per-batch decode plan: built once per forward batch, read by every layer, one attention call per layer.
+
+Every request of the batch (compressed or not) becomes ``H`` flattened sequences, one per KV head, with the
+GQA group as query heads (``N = B * H``). Each sequence's rows of the pool view (``(slots * H, D)``, row
+``slot * H + h``) are three column blocks of one padded index matrix:
+
+- *kept*: the head's kept prompt tokens (static heads: the text-prior pick; dynamic heads: text, sink and
+  window); empty for uncompressed requests;
+- *buffer*: a dynamic head's retrieval buffer, refilled each step (or every ``retrieval_interval`` steps)
+  with the chunks its current query scores highest, copied from the host tier;
+- *tail*: the tokens after the compressed prompt, read through SGLang's ``req_to_token`` (generated
+  tokens; for an uncompressed request, all of its tokens).
+
+Host work (``.tolist()``, region look-ups, padding) happens in :meth:`DecodePlan.build`. The per-layer path
+(:meth:`DecodePlan.attend`) is fixed-shape tensor work only: batched chunk scoring and top-k, one
+gather/scatter from the host tier into the buffers, one ``row_decode`` call. The plan's kept/buffer tables
+depend only on which requests are in the batch; :class:`DecodePlanner` reuses them while the batch
+composition and the set of regions are unchanged, so a steady decode step only rebuilds the tail block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.chunk_select import score_chunks_rows, select_chunks
+from ..kernels.row_decode import row_decode
+from .host_tier import HostTier
+from .regions import Regions
+
+
+@dataclass
+class _Tables:
+    """The composition-dependent part of a plan, ``(L, N, ·)`` over the batch's flattened sequences."""
+
+    key: tuple
+    kept_rows: torch.Tensor  # (L, N, P)
+    kept_valid: torch.Tensor  # (L, N, P) bool
+    sum_rows: torch.Tensor  # (L, N, C)
+    n_chunks: torch.Tensor  # (L, N)
+    host_pages: torch.Tensor  # (L, N, C)
+    n_host: torch.Tensor  # (L, N)
+    buf_rows: torch.Tensor  # (L, N, R)
+    buf_len: torch.Tensor  # (L, N)
+    top_k: torch.Tensor  # (L, N)
+    k_max: int
+    tail_start: torch.Tensor  # (B,) first position read through req_to_token
+    decode_start: torch.Tensor  # (B,) sequence length at compaction (0 for uncompressed requests)
+    interval: torch.Tensor  # (B,) retrieval interval
+
+
+class DecodePlan:
+    """One decode forward batch's attention metadata. See the module docstring."""
+
+    def __init__(self, tables: _Tables, tail_rows: torch.Tensor, tail_valid: torch.Tensor, refresh: torch.Tensor,
+                 num_kv_heads: int, chunk: int, score_scale: float) -> None:
+        self.t = tables
+        self.tail_rows, self.tail_valid = tail_rows, tail_valid  # (N, G)
+        self.refresh = refresh  # (N,) bool: sequences whose dynamic heads re-select chunks this step
+        self.h, self.chunk, self.score_scale = num_kv_heads, chunk, score_scale
+
+    def attend(self, layer_id: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+               row_valid: torch.Tensor, host: HostTier, scaling: float) -> torch.Tensor:
+        """Decode attention of one layer for the whole batch.
+
+        Args:
+            q: ``(B, Hq * D)`` this step's queries.
+            k_buffer, v_buffer: ``(slots, H, D)`` the layer's pool buffers (this step's KV already written).
+            row_valid: ``(slots * H,)`` bool, which retrieval-buffer rows of this layer hold a real token.
+        Returns: ``(B, Hq * D)``.
+        """
+        t = self.t
+        d = k_buffer.shape[-1]
+        k_rows, v_rows = k_buffer.view(-1, d), v_buffer.view(-1, d)
+        qg = q.view(q.shape[0] * self.h, -1, d)  # (N, group, D): query head j belongs to KV head j // group
+        if t.k_max:
+            self._retrieve(layer_id, qg, k_rows, v_rows, row_valid, host)
+        buf = t.buf_rows[layer_id]
+        buf_valid = row_valid[buf] & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
+        idx = torch.cat([t.kept_rows[layer_id], buf, self.tail_rows], dim=1)
+        valid = torch.cat([t.kept_valid[layer_id], buf_valid, self.tail_valid], dim=1)
+        return row_decode(qg, k_rows, v_rows, idx, valid, scaling).view(q.shape)
+
+    def _retrieve(self, layer_id: int, qg: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                  row_valid: torch.Tensor, host: HostTier) -> None:
+        """Score every dynamic head's chunks, copy the top-k into its buffer rows (fixed shapes, no sync)."""
+        t, c = self.t, self.chunk
+        scores = score_chunks_rows(qg, k_rows, v_rows, t.sum_rows[layer_id], t.n_chunks[layer_id], self.score_scale)
+        ids, ok = select_chunks(scores, t.top_k[layer_id] * self.refresh, t.k_max)
+        # Ascending chunk order: when every chunk is taken, slot i holds chunk i, so the short last chunk ends
+        # exactly at the buffer's end (buffers are min(top_k * chunk, n_host) rows).
+        big = t.sum_rows.shape[-1]
+        ids = torch.where(ok, ids, big).sort(dim=1).values
+        ok = ids < big
+        ids = ids.clamp(max=max(big - 1, 0))
+        offs = torch.arange(c, device=ids.device)
+        tok = (ids[..., None] * c + offs).flatten(1)  # (N, k_max * c) positions in the head's host span
+        pages = t.host_pages[layer_id].gather(1, ids)
+        src = (pages[..., None] * c + offs).flatten(1)
+        r = t.buf_rows.shape[-1]
+        tok_ok = (ok[..., None].expand(-1, -1, c).flatten(1) & (tok < t.n_host[layer_id][:, None]))[:, :r]
+        write = self.refresh[:, None] & (torch.arange(r, device=ids.device)[None] < t.buf_len[layer_id][:, None])
+        # Rows not written this step go to the pool's padding row 0 (never read as valid).
+        dst = torch.where(write, t.buf_rows[layer_id], 0).flatten()
+        src = torch.where(write & tok_ok, src[:, :r], 0).flatten()
+        k_rows.index_copy_(0, dst, host.k[layer_id].view(-1, k_rows.shape[1])[src].to(k_rows.dtype))
+        v_rows.index_copy_(0, dst, host.v[layer_id].view(-1, v_rows.shape[1])[src].to(v_rows.dtype))
+        row_valid.index_copy_(0, dst, (tok_ok & write).flatten())
+        row_valid[0] = False
+
+
+class DecodePlanner:
+    """Builds :class:`DecodePlan` objects; caches the composition-dependent tables between steps."""
+
+    def __init__(self, regions: Regions, num_layers: int, num_kv_heads: int, chunk: int, score_scale: float,
+                 device: torch.device) -> None:
+        self.regions, self.num_layers, self.h = regions, num_layers, num_kv_heads
+        self.chunk, self.score_scale, self.device = chunk, score_scale, device
+        self._tables: _Tables | None = None
+        self.builds = 0  # plans built (one per decode forward batch); /server_info reports it
+        self.table_builds = 0
+
+    def build(self, rows: list[int], seq_lens: torch.Tensor, req_to_token: torch.Tensor) -> DecodePlan:
+        """Plan of one decode batch (``rows``: the requests' ``req_to_token`` rows; ``seq_lens``: ``(B,)``)."""
+        self.builds += 1
+        key = (tuple(rows), self.regions.version)
+        if self._tables is None or self._tables.key != key:
+            self._tables = self._build_tables(key, rows)
+            self.table_builds += 1
+        t = self._tables
+        dev = self.device
+        seq = seq_lens.to(dev).long()
+        tail_len = seq - t.tail_start
+        g = int(tail_len.max()) if len(rows) else 0
+        pos = (t.tail_start[:, None] + torch.arange(g, device=dev)[None]).clamp(max=req_to_token.shape[1] - 1)
+        row_t = torch.tensor(rows, device=req_to_token.device, dtype=torch.long)
+        slots = req_to_token[row_t[:, None], pos.to(req_to_token.device)].to(dev).long()  # (B, G)
+        heads = torch.arange(self.h, device=dev)
+        tail_rows = (slots[:, None, :] * self.h + heads[None, :, None]).reshape(-1, g)
+        tail_valid = (torch.arange(g, device=dev)[None] < tail_len[:, None]).repeat_interleave(self.h, 0)
+        step = seq - 1 - t.decode_start
+        refresh = (step % t.interval == 0).repeat_interleave(self.h)
+        return DecodePlan(t, tail_rows, tail_valid, refresh, self.h, self.chunk, self.score_scale)
+
+    def _build_tables(self, key: tuple, rows: list[int]) -> _Tables:
+        regions = [self.regions.get(r) for r in rows]
+        tabs = [r.tables for r in regions if r is not None]
+        dim = lambda name: max((getattr(x, name).shape[-1] for x in tabs), default=0)
+        p, c, r = dim("kept_rows"), dim("sum_rows"), dim("buf_rows")
+        L, h, dev = self.num_layers, self.h, self.device
+
+        def stack(name: str, width: int | None) -> torch.Tensor:
+            parts = []
+            for reg in regions:
+                if reg is None:
+                    shape = (L, h, width) if width is not None else (L, h)
+                    parts.append(torch.zeros(shape, dtype=torch.long))
+                else:
+                    x = getattr(reg.tables, name)
+                    parts.append(F.pad(x, (0, width - x.shape[-1])) if width is not None else x)
+            out = torch.stack(parts, dim=1)  # (L, B, H, ...)
+            return out.reshape(L, len(rows) * h, *out.shape[3:]).to(dev)
+
+        kept_len = stack("kept_len", None)
+        top_k = stack("top_k", None)
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+        return _Tables(
+            key=key,
+            kept_rows=stack("kept_rows", p),
+            kept_valid=torch.arange(p, device=dev)[None, None] < kept_len[..., None],
+            sum_rows=stack("sum_rows", c), n_chunks=stack("n_chunks", None), host_pages=stack("host_pages", c),
+            n_host=stack("n_host", None), buf_rows=stack("buf_rows", r), buf_len=stack("buf_len", None),
+            top_k=top_k, k_max=int(top_k.max()) if top_k.numel() else 0,
+            tail_start=as_t([0 if g is None else g.prompt_len for g in regions]),
+            decode_start=as_t([0 if g is None else g.decode_start for g in regions]),
+            interval=as_t([1 if g is None else g.retrieval_interval for g in regions]),
+        )

@@ -1,0 +1,102 @@
+"""What the plugin knows about one request: its config, prompt, media span, window queries and stats.
+
+A :class:`RequestHandle` lives on SGLang's ``Req`` object (``req.hybridkv``) and dies with it, so nothing
+per request outlives the request (stats of an aborted or retracted request included). The scheduler hooks
+create it; each extend batch hands the handles of its requests to the attention backend on the
+``ForwardBatch`` (``forward_batch.hybridkv_handles``), which fills in the window queries and, at
+compaction, the stats. Config parsing for the tokenizer side (per-request overrides) lives here too, so
+that the launcher (``plugin``) and the scheduler hooks share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ENV_VAR, ConfigError, HybridKVConfig
+
+
+def active_config() -> HybridKVConfig | None:
+    """The server's config when compression is on (parsed once per value of the environment variable)."""
+    return _parse_env(os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_env(raw: str | None) -> HybridKVConfig | None:
+    cfg = HybridKVConfig.from_env({ENV_VAR: raw} if raw else {})
+    return cfg if cfg is not None and cfg.enabled else None
+
+
+def request_config(custom_params) -> HybridKVConfig | None:
+    """The config of one request: the server's, with the request's ``custom_params["hybridkv"]`` applied."""
+    base = active_config()
+    params = (custom_params or {}).get("hybridkv") if isinstance(custom_params, dict) else None
+    if base is None:
+        if params:
+            raise ConfigError("custom_params.hybridkv was given but the server runs without --kv-compression")
+        return None
+    return base.with_request(params)
+
+
+@dataclass
+class RequestHandle:
+    """One request, as the plugin sees it.
+
+    Attributes:
+        rid: SGLang's request id.
+        config: the request's config; None when it compresses nothing (policy "none", or at most one output
+            token: compaction would cost more than it saves).
+        prompt_len: prompt tokens (``origin_input_ids``); compression covers exactly these, whatever else a
+            re-prefill after retraction recomputes.
+        media_mask: ``(prompt_len,)`` bool on image/video tokens; None for text-only requests.
+        q_window: per layer ``(Hq, w, D)`` queries of the prompt's last ``w`` positions, filled chunk by chunk
+            (chunked prefill) and dropped at compaction.
+        q_filled: ``(w,)`` bool, window positions whose queries have been seen.
+        stats: ``meta_info["hybridkv"]`` of the request, set at compaction.
+        pending_unlock: compacted with the radix cache on: once SGLang has inserted the prompt into the tree,
+            the scheduler hooks drop the request's lock on it.
+        unlocked: the plugin dropped the request's radix lock and set ``skip_radix_cache_insert``.
+    """
+
+    rid: str
+    config: HybridKVConfig | None
+    prompt_len: int
+    media_mask: torch.Tensor | None = None
+    q_window: dict[int, torch.Tensor] = field(default_factory=dict)
+    q_filled: torch.Tensor | None = None
+    stats: dict | None = None
+    pending_unlock: bool = False
+    unlocked: bool = False
+
+    @property
+    def window(self) -> int:
+        return min(self.config.window, self.prompt_len)
+
+
+def handle_of(req) -> RequestHandle:
+    """The request's handle, created on first use (the config is parsed once per request)."""
+    handle = getattr(req, "hybridkv", None)
+    if handle is None:
+        sp = req.sampling_params
+        cfg = request_config(getattr(sp, "custom_params", None))
+        if cfg is not None and (not cfg.enabled or (sp.max_new_tokens is not None and sp.max_new_tokens <= 1)):
+            cfg = None
+        handle = RequestHandle(req.rid, cfg, len(req.origin_input_ids), _media_mask(req))
+        req.hybridkv = handle
+    return handle
+
+
+def _media_mask(req) -> torch.Tensor | None:
+    """True on image/video token positions of the prompt (from the processor's offsets); None for text-only."""
+    mm = getattr(req, "multimodal_inputs", None)
+    items = getattr(mm, "mm_items", None) if mm is not None else None
+    if not items:
+        return None
+    mask = torch.zeros(len(req.origin_input_ids), dtype=torch.bool)
+    for item in items:
+        for start, end in getattr(item, "offsets", None) or []:
+            mask[int(start): int(end) + 1] = True  # offsets are inclusive
+    return mask
