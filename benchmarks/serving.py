@@ -7,7 +7,12 @@ scheduling off (the plugin turns overlap off; distinct prompts share little, and
 would blur what the pool holds), so the pool's free slots are the only variable. Each row sends all its long
 long requests at once through a small async streaming client and reads from SGLang's own decode log how many
 requests were running at once. Workloads: ``captions`` (captioned-video prompts, SmolLM2 with real weights) or
-``images`` (videos as frames, each an image, on a tiny random Qwen2.5-VL: SGLang's multimodal path).
+``images`` (videos as frames, each an image, on a tiny random Qwen2.5-VL: SGLang's multimodal path). Defaults
+are decode-heavy (long outputs), where compressed decode matters.
+
+The *oracle* row (``"oracle_pool": true``) runs ``none`` again on a pool big enough for as many requests at
+once as the first compressed row reached: it separates what compression buys by admitting more requests
+from what it buys per decode step at the same concurrency.
 
     .venv/bin/python benchmarks/serving.py --quick --json out.json
     .venv/bin/python benchmarks/serving.py --quick --workload images --json out.json
@@ -45,13 +50,14 @@ def parse_args(argv=None):
                    help="frames per request: captions ~12 tokens each (default 64), images 64 tokens each (default 12)")
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--rows", default=None, help="comma list of policy@budget, e.g. none,snapkv@0.1,hybridkv@0.1")
+    p.add_argument("--no-oracle", action="store_true", help="skip the big-pool none row")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", default=None)
     a = p.parse_args(argv)
-    quick = {"pool_tokens": 4096, "requests": 24, "frames": 64, "output_len": 16,
-             "rows": "none,snapkv@0.1,hybridkv@0.1"}
-    full = {"pool_tokens": 6144, "requests": 40, "frames": 64, "output_len": 32,
-            "rows": "none,snapkv@0.1,hybridkv@0.05,hybridkv@0.1,hybridkv@0.2,hybridkv@0.5"}
+    quick = {"pool_tokens": 2560, "requests": 16, "frames": 32, "output_len": 192,
+             "rows": "none,hybridkv@0.1"}
+    full = {"pool_tokens": 4096, "requests": 32, "frames": 48, "output_len": 256,
+            "rows": "none,hybridkv@0.1,snapkv@0.1,hybridkv@0.05,hybridkv@0.2"}
     if a.workload == "images":
         quick["frames"] = full["frames"] = 12
     for k, v in (quick if a.quick else full).items():
@@ -102,7 +108,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_row(url: str, policy: str, budget: float, bodies: list[dict], output_len: int, full_bytes_per_token: int,
-            solo_ttft_none: float | None) -> dict:
+            solo_ttft_none: float | None, pool_tokens: int) -> dict:
     params = {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}
     if policy != "none":
         params["custom_params"] = {"hybridkv": {"policy": policy, "budget": budget}}
@@ -117,11 +123,12 @@ def run_row(url: str, policy: str, budget: float, bodies: list[dict], output_len
         kv_dev = statistics.mean(r["prompt"] for r in results) * full_bytes_per_token
     else:
         kv_dev = statistics.mean(r["hybridkv"]["kv_bytes_device"] for r in results)
-    return {"policy": policy, "budget": budget, "requests": len(results), "peak_running": max(running, default=0),
+    return {"policy": policy, "budget": budget, "pool_tokens": pool_tokens, "oracle_pool": False,
+            "requests": len(results), "peak_running": max(running, default=0),
             "throughput_tok_s": sum(r["out"] for r in results) / wall, "wall_s": wall,
             "ttft_p50_s": _pct([r["ttft"] for r in results], 0.5), "ttft_p99_s": _pct([r["ttft"] for r in results], 0.99),
             "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99), "kv_bytes_device_per_req": kv_dev,
-            "solo_ttft_s": solo[0]["ttft"],
+            "solo_ttft_s": solo[0]["ttft"], "prompt": max(r["prompt"] for r in results),
             "prefill_overhead": solo[0]["ttft"] / solo_ttft_none if solo_ttft_none else 1.0}
 
 
@@ -137,11 +144,12 @@ def make_requests(workload: str, n: int, frames: int, row: int) -> list[dict]:
 
 
 def print_table(pool: int, rows: list[dict]) -> None:
-    print(f"\npool {pool} tokens, {rows[0]['requests']} concurrent requests per row")
-    print(f"{'policy':>10} {'budget':>6} {'peak run':>8} {'tok/s':>7} {'TTFT p50':>8} {'p99':>7} {'TPOT p50':>8} "
-          f"{'p99':>7} {'KV dev/req':>12} {'prefill':>7}")
+    print(f"\npool {pool} tokens (oracle row: its own pool), {rows[0]['requests']} concurrent requests per row")
+    print(f"{'policy':>10} {'budget':>6} {'pool':>6} {'peak run':>8} {'tok/s':>7} {'TTFT p50':>8} {'p99':>7} "
+          f"{'TPOT p50':>8} {'p99':>7} {'KV dev/req':>12} {'prefill':>7}")
     for r in rows:
-        print(f"{r['policy']:>10} {r['budget']:>6.2f} {r['peak_running']:>8d} {r['throughput_tok_s']:>7.1f} "
+        print(f"{r['policy']:>10} {r['budget']:>6.2f} {r['pool_tokens']:>6d} {r['peak_running']:>8d} "
+              f"{r['throughput_tok_s']:>7.1f} "
               f"{r['ttft_p50_s']:>8.2f} {r['ttft_p99_s']:>7.2f} {r['tpot_p50_s']:>8.3f} {r['tpot_p99_s']:>7.3f} "
               f"{r['kv_bytes_device_per_req']:>12,.0f} {r['prefill_overhead']:>6.2f}x")
 
@@ -174,22 +182,29 @@ def main(argv=None) -> dict:
     model = args.model_path or cached_checkpoint("tiny-qwen2.5-vl" if args.workload == "images" else "smollm2")
     per_token = kv_bytes_per_token(model, 4 if args.device == "cpu" else 2)
     rows: list[dict] = []
-    groups = [("none", BASELINE + LOG), ("hybridkv", ["--kv-compression", "hybridkv", "--disable-radix-cache"] + LOG)]
+    groups = [("none", BASELINE + LOG, args.pool_tokens),
+              ("hybridkv", ["--kv-compression", "hybridkv", "--disable-radix-cache"] + LOG, args.pool_tokens)]
     t_start = time.time()
-    for server, extra in groups:
-        wanted = [r for r in args.rows if (r[0] == "none") == (server == "none")]
+    while groups:
+        server, extra, pool = groups.pop(0)
+        wanted = [r for r in args.rows if (r[0] == "none") == (server == "none")] if server != "oracle" else [("none", 1.0)]
         if not wanted:
             continue
-        with sglang_server(model, extra_args=extra, device=args.device, max_total_tokens=args.pool_tokens,
-                           progress=True) as url:
+        with sglang_server(model, extra_args=extra, device=args.device, max_total_tokens=pool, progress=True) as url:
             for policy, budget in wanted:
-                print(f"  [{policy} @ {budget}] {args.requests} requests of {args.frames} frames ... "
-                      f"({time.time() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
+                print(f"  [{server}: {policy} @ {budget}, pool {pool}] {args.requests} requests of {args.frames} "
+                      f"frames ... ({time.time() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
                 solo_none = next((r["solo_ttft_s"] for r in rows if r["policy"] == "none"), None)
                 bodies = make_requests(args.workload, args.requests, args.frames, row=len(rows))
-                rows.append(run_row(url, policy, budget, bodies, args.output_len, per_token, solo_none))
+                rows.append(run_row(url, policy, budget, bodies, args.output_len, per_token, solo_none, pool))
+                rows[-1]["oracle_pool"] = server == "oracle"
                 print(f"    peak running {rows[-1]['peak_running']}, {rows[-1]['throughput_tok_s']:.1f} tok/s",
                       file=sys.stderr, flush=True)
+        compressed = [r for r in rows if r["policy"] != "none"]
+        if server == "hybridkv" and compressed and not args.no_oracle:
+            # As many at once as the first compressed row ran: each holds its whole prompt and output.
+            need = compressed[0]["peak_running"] * (compressed[0]["prompt"] + args.output_len)
+            groups.append(("oracle", BASELINE + LOG, int(need * 1.05) + 64))
     print_table(args.pool_tokens, rows)
     report = {"pool_tokens": args.pool_tokens, "device": args.device, "model": model, "workload": args.workload,
               "frames": args.frames,

@@ -52,14 +52,20 @@ class HybridKVMixin:
                                      device=k0.device)
         self.planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
                                      config.chunk_score_scale, k0.device)
+        # Extend chunks of already-compacted requests (outputs re-prefilled after a retraction) replay decode
+        # token by token with their own planner, so that the decode path's per-batch counters stay exact.
+        self.replay_planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
+                                            config.chunk_score_scale, k0.device)
         self.decode_batches = 0
         self._compaction: CompactionBatch | None = None
         self._plan: DecodePlan | None = None
+        self._replays: list[tuple[int, list[DecodePlan]]] = []  # (first query row, one plan per token)
 
     # ---- metadata, once per batch ------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)
         self._compaction = self._plan = None
+        self._replays = []
         mode = forward_batch.forward_mode
         if mode.is_decode():
             self.decode_batches += 1
@@ -68,15 +74,40 @@ class HybridKVMixin:
         elif mode.is_extend() and not mode.is_target_verify():
             incoming, self.regions.incoming = self.regions.incoming, {}
             self._compaction = CompactionBatch.build(forward_batch, incoming, self.regions.tree_cache)
+            if self.regions.live:
+                self._replays = self._plan_replays(forward_batch)
+
+    def _plan_replays(self, forward_batch) -> list[tuple[int, list[DecodePlan]]]:
+        """Extend rows of requests that already hold a region: one single-token plan per position, so each
+        attends over the compressed prompt and the tokens before it, as it did when it was decoded."""
+        out, q_start = [], 0
+        req_to_token = self.req_to_token_pool.req_to_token
+        for row, end, q_len in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens_cpu.tolist(),
+                                   forward_batch.extend_seq_lens_cpu):
+            q_len = int(q_len)
+            if self.regions.get(row) is not None and q_len:
+                plans = [self.replay_planner.build([row], torch.tensor([p + 1]), req_to_token)
+                         for p in range(end - q_len, end)]
+                out.append((q_start, plans))
+            q_start += q_len
+        return out
 
     # ---- prefill ------------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        lid = layer.layer_id
+        k_buf, v_buf = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
+        if self._replays and not layer.is_cross_attention:
+            width = layer.tp_q_head_num * layer.qk_head_dim
+            q2, o2 = q.reshape(-1, width), o.view(-1, width)
+            for first, plans in self._replays:
+                for i, plan in enumerate(plans):
+                    o2[first + i] = plan.attend(lid, q2[first + i: first + i + 1], k_buf, v_buf, self.row_valid[lid],
+                                                self.host, layer.scaling)[0].to(o.dtype)
         c = self._compaction
         if c is None or layer.is_cross_attention:
             return o
-        c.after_layer(layer, q, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                      self.token_to_kv_pool.get_value_buffer(layer.layer_id), self.req_to_token_pool.req_to_token)
+        c.after_layer(layer, q, o, k_buf, v_buf, self.req_to_token_pool.req_to_token)
         if layer.layer_id == self.last_layer and c.finishing:
             c.commit(self.allocator, self.req_to_token_pool, self.token_to_kv_pool, self.regions, self.host)
         return o

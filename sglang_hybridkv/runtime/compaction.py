@@ -3,9 +3,11 @@
 Compression is a function of the prompt alone. The observation window is the prompt's last ``window``
 positions, whichever extend chunks computed them (chunked prefill, a prompt split to fit a batch, a
 re-prefill after retraction): every extend batch stashes the window queries it computes on the request's
-handle, and the batch that completes the request's fill compacts its prompt (``origin_input_ids``) with
-them. Tokens after the prompt (outputs recomputed after a retraction) stay in the request's ordinary slots,
-like tokens generated later.
+handle, and the batch whose chunk reaches the end of the prompt (``origin_input_ids``) compacts it with them.
+Tokens after the prompt (outputs recomputed after a retraction) stay in the request's ordinary slots, like
+tokens generated later, and attend over the compressed prompt exactly as they did when they were decoded:
+in the compacting chunk through the torch reference (``core.attention.decode_attention``, teacher-forced),
+in later chunks through the backend's decode plan (``backend.forward_extend``).
 
 Per layer, right after the stock extend attention, :meth:`CompactionBatch.after_layer` plans with
 ``core.compress`` (the same step the HF reference path runs) and keeps a compact copy; after the last
@@ -17,12 +19,14 @@ tree takes them over after this batch and the scheduler hooks drop the request's
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from ..core.attention import decode_attention
 from ..core.cache import CompressedLayer, KVBytes
 from ..core.compress import plan_layer, prompt_media_mask
 from ..core.digest import kept_digest
@@ -77,7 +81,7 @@ class CompactionBatch:
                 end, start = int(seq_lens[i]), int(seq_lens[i]) - q_len
                 w = handle.window
                 in_window = start < handle.prompt_len and end > handle.prompt_len - w
-                finishing = end == full_len and handle.prompt_len > 0
+                finishing = start < handle.prompt_len <= end
                 if in_window or finishing:
                     if start == 0 or handle.q_filled is None:
                         handle.q_window, handle.q_filled = {}, torch.zeros(w, dtype=torch.bool)
@@ -89,12 +93,14 @@ class CompactionBatch:
         return cls(entries, radix=radix, tree_cache=tree_cache)
 
     # ---- per layer ----------------------------------------------------------------------------------
-    def after_layer(self, layer, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def after_layer(self, layer, q: torch.Tensor, o: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     req_to_token: torch.Tensor) -> None:
-        """Stash this chunk's window queries; plan and compact the requests whose fill completes.
+        """Stash this chunk's window queries; plan and compact the requests whose prompt ends in this chunk;
+        re-attend the output tokens that follow the prompt in this chunk over the compressed prompt.
 
         Args:
             q: ``(tokens, Hq * D)`` this batch's queries of the layer (post-RoPE).
+            o: ``(tokens, Hq * D)`` the stock attention output, overwritten for those output tokens.
             k_cache, v_cache: ``(slots, H, D)`` the layer's pool buffers (this chunk already written).
         """
         q_all = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
@@ -120,7 +126,16 @@ class CompactionBatch:
             mask = prompt_media_mask(h.prompt_len, w, h.media_mask)
             plan = plan_layer(policy, h.q_window.get(lid), keys, mask, lid, layer.scaling)
             e.plans[lid] = plan
-            e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
+            cl = e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
+            if e.pos_end > h.prompt_len:  # outputs re-prefilled after a retraction
+                first = e.q_start + h.prompt_len - e.pos_start
+                last = e.q_start + e.pos_end - e.pos_start
+                out_slots = req_to_token[e.row, h.prompt_len: e.pos_end].long()
+                replay = copy.copy(cl)  # decode_attention appends to its layer: keep ``cl`` as compacted
+                o_view = o.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+                o_view[first:last] = decode_attention(
+                    replay, q_all[first:last], k_cache[out_slots], v_cache[out_slots], layer.scaling,
+                    h.config.retrieval_interval, h.config.chunk_score_scale).to(o.dtype)
 
     # ---- after the last layer -----------------------------------------------------------------------
     def commit(self, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier) -> None:

@@ -140,8 +140,8 @@ class DecodePlanner:
         heads = torch.arange(self.h, device=dev)
         tail_rows = (slots[:, None, :] * self.h + heads[None, :, None]).reshape(-1, g)
         tail_valid = (torch.arange(g, device=dev)[None] < tail_len[:, None]).repeat_interleave(self.h, 0)
-        step = seq - 1 - t.decode_start
-        refresh = (step % t.interval == 0).repeat_interleave(self.h)
+        step = seq - 1 - t.tail_start
+        refresh = ((step % t.interval == 0) | (seq - 1 == t.decode_start)).repeat_interleave(self.h)
         return DecodePlan(t, tail_rows, tail_valid, refresh, self.h, self.chunk, self.score_scale)
 
     def _build_tables(self, key: tuple, rows: list[int]) -> _Tables:

@@ -28,8 +28,9 @@ class Region:
 
     Attributes:
         rid: request id. prompt_len: prompt tokens covered by the region (decode reads later tokens from the
-            request's row as usual). decode_start: sequence length at compaction; decode step ``s`` of the
-            region is the one with ``seq_len == decode_start + 1 + s`` (retrieval intervals count from it).
+            request's row as usual). Decode step ``s`` is the one with ``seq_len == prompt_len + 1 + s``
+            (retrieval intervals count from it). decode_start: sequence length at compaction (more than
+            ``prompt_len`` after a retraction); the first step that reads the region refills its buffers.
         slots: pool slots held (device tier). pages: host-tier pages held.
         staging_freed: prompt slots compaction gave back to the pool while SGLang still counts them as the
             request's (radix cache off); the busy-time memory check subtracts them.

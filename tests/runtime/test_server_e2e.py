@@ -118,7 +118,7 @@ def test_per_request_policy_and_no_leaks_at_idle(hkv_server, task):
             assert out["meta_info"]["hybridkv"]["policy"] == policy
     st = wait_idle(hkv_server)
     assert st["compacted_total"] == st["released_total"] > 0 and st["radix_protected_tokens"] == 0
-    assert st["pending_infos"] == 0 and st["compressed_slots_held"] == 0 and st["host_tier_bytes"] == 0
+    assert st["compressed_slots_held"] == 0 and st["host_tier_bytes"] == 0 and st["host_tier_pages_used"] == 0
     get(hkv_server + "/health")  # raises unless the server answers 200
     assert "sgl_kernel shim" not in server_log(hkv_server)
 
