@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--rows", default=None, help="comma list of policy@budget, e.g. none,snapkv@0.1,hybridkv@0.1")
     p.add_argument("--no-oracle", action="store_true", help="skip the big-pool none row")
+    p.add_argument("--cores", default=None,
+                   help="CPU cores the servers' OpenMP threads are bound to (SGLANG_CPU_OMP_THREADS_BIND, e.g. '1' "
+                        "to leave core 0 to other work); default: SGLang's own (all cores)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", default=None)
     a = p.parse_args(argv)
@@ -190,7 +193,9 @@ def main(argv=None) -> dict:
         wanted = [r for r in args.rows if (r[0] == "none") == (server == "none")] if server != "oracle" else [("none", 1.0)]
         if not wanted:
             continue
-        with sglang_server(model, extra_args=extra, device=args.device, max_total_tokens=pool, progress=True) as url:
+        env = {"SGLANG_CPU_OMP_THREADS_BIND": args.cores} if args.cores else None
+        with sglang_server(model, extra_args=extra, device=args.device, max_total_tokens=pool, progress=True,
+                           env=env) as url:
             for policy, budget in wanted:
                 print(f"  [{server}: {policy} @ {budget}, pool {pool}] {args.requests} requests of {args.frames} "
                       f"frames ... ({time.time() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
@@ -206,7 +211,8 @@ def main(argv=None) -> dict:
             need = compressed[0]["peak_running"] * (compressed[0]["prompt"] + args.output_len)
             groups.append(("oracle", BASELINE + LOG, int(need * 1.05) + 64))
     print_table(args.pool_tokens, rows)
-    report = {"pool_tokens": args.pool_tokens, "device": args.device, "model": model, "workload": args.workload,
+    report = {"pool_tokens": args.pool_tokens, "device": args.device, "cores": args.cores or "all",
+              "model": model, "workload": args.workload,
               "frames": args.frames,
               "output_len": args.output_len, "rows": rows}
     if args.json:

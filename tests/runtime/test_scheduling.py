@@ -13,16 +13,16 @@ from sglang_hybridkv.testing.server import get, post, server_log, sglang_server,
 
 pytestmark = pytest.mark.slow
 COMPRESS = ["--kv-compression", "hybridkv", "--hybridkv-budget", "0.1"]
-STRESS_ENV = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "5",
+STRESS_ENV = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "7",
               "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1"}
-GEN = {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True}
+GEN = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def prompts():
     rng = random.Random(5)
-    long = [sign_number(rng, 40).text for _ in range(4)]
-    short = [f"Write one sentence about the number {i}." for i in range(4)]
+    long = [sign_number(rng, 40).text for _ in range(3)]
+    short = [f"Write one sentence about the number {i}." for i in range(3)]
     return long, short
 
 
@@ -81,7 +81,7 @@ def test_mixed_batch_equals_each_request_alone(stressed, prompts):
     """Uncompressed, 0.1 and 1.0 requests decoded together (one attention call per layer) give each request
     the tokens it gets alone on the same server."""
     url = stressed[0]
-    texts = prompts[0][:2] + prompts[1][:1]
+    texts = prompts[0][:1] + prompts[1][:1]
     params = [dict(GEN, custom_params={"hybridkv": c}) for c in ({"policy": "none"}, {"budget": 0.1}, {"budget": 1.0})]
     cases = [(t, p) for t in texts for p in params]
 
