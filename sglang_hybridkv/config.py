@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 POLICIES = ("none", "full", "snapkv", "hybridkv", "all_static", "all_dynamic")
 CLASSIFIERS = ("mass", "entropy", "topk_mass")
+BUDGET_UNITS = ("device", "media")
 ENV_VAR = "SGLANG_HYBRIDKV_CONFIG"
 # Knobs a single request may change; the rest shape server-wide memory and stay fixed.
 REQUEST_FIELDS = ("policy", "budget", "theta", "static_ratio", "top_k_chunks", "retrieval_interval")
@@ -31,10 +32,17 @@ class HybridKVConfig:
 
     Attributes:
         policy: which compression policy runs after prefill ("none" disables the plugin).
-        budget: media tokens kept per KV head on the device, as a fraction of the media tokens (0, 1].
+        budget: device KV a compressed request keeps, as a fraction of its full KV, in (0, 1] (see
+            ``budget_unit``).
+        budget_unit: "device": everything resident on the device is charged — kept tokens, text and window,
+            chunk summaries, retrieval buffers (``core/budget.py``), so budget 0.1 means 10x less device KV
+            at the end of prefill; "media": the paper's reading, media tokens per head as a fraction of the
+            media tokens, text and summaries not charged.
         window: observation window, the last ``window`` prompt positions whose attention scores keys.
         theta: attention mass a head's kept media tokens must hold to count as concentrated.
         static_ratio: share of a layer's budget given to static heads; None splits by head count.
+        need_weight: how static heads share their rows: 1 in proportion to their θ-mass token count, 0 equally,
+            in between a mix (``core/budget.py``).
         chunk_size: tokens per retrieval chunk (= page) for dynamic heads.
         top_k_chunks: chunks a dynamic head retrieves per step; None derives it from its budget share.
         retrieval_interval: decode steps between two chunk selections of a dynamic head.
@@ -43,6 +51,9 @@ class HybridKVConfig:
         sink: first prompt tokens always kept on the device.
         recent: last prompt tokens always kept on the device (besides the observation window's text).
         pool_kernel: width of the 1-D average pooling of text-prior scores (odd; 1 disables pooling).
+        pool_forward: forward reach of text-prior scores: a token scores at least the best of the
+            ``pool_forward`` tokens before it, so what follows a cue the question names is kept with it
+            (0 disables; see ``core/select.py``).
         classifier: how heads are classified: "mass" (θ-mass token count vs. budget share, the reference),
             "entropy" or "topk_mass" (alternatives kept for the agreement study).
         head_profile: optional path of a JSON per-model head profile that replaces per-request
@@ -51,9 +62,11 @@ class HybridKVConfig:
 
     policy: str = "hybridkv"
     budget: float = 0.1
-    window: int = 32
+    budget_unit: str = "device"
+    window: int = 16
     theta: float = 0.9
     static_ratio: float | None = None
+    need_weight: float = 0.5
     chunk_size: int = 16
     top_k_chunks: int | None = None
     retrieval_interval: int = 1
@@ -61,16 +74,19 @@ class HybridKVConfig:
     sink: int = 4
     recent: int = 0
     pool_kernel: int = 7
+    pool_forward: int = 8
     classifier: str = "mass"
     head_profile: str | None = None
 
     def __post_init__(self) -> None:
         _choice("policy", self.policy, POLICIES)
         _choice("classifier", self.classifier, CLASSIFIERS)
+        _choice("budget_unit", self.budget_unit, BUDGET_UNITS)
         _number("budget", self.budget, float, lo=0.0, hi=1.0, lo_open=True)
         _number("theta", self.theta, float, lo=0.0, hi=1.0, lo_open=True)
         if self.static_ratio is not None:
             _number("static_ratio", self.static_ratio, float, lo=0.0, hi=1.0)
+        _number("need_weight", self.need_weight, float, lo=0.0, hi=1.0)
         _number("window", self.window, int, lo=1, hi=4096)
         _number("chunk_size", self.chunk_size, int, lo=1, hi=1024)
         if self.top_k_chunks is not None:
@@ -80,6 +96,7 @@ class HybridKVConfig:
         _number("sink", self.sink, int, lo=0, hi=1 << 20)
         _number("recent", self.recent, int, lo=0, hi=1 << 20)
         _number("pool_kernel", self.pool_kernel, int, lo=1, hi=255)
+        _number("pool_forward", self.pool_forward, int, lo=0, hi=1024)
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"pool_kernel={self.pool_kernel} is not allowed: it must be odd (1, 3, 5, ...)")
         if self.head_profile is not None and not isinstance(self.head_profile, str):
@@ -172,9 +189,9 @@ def _optional_float(s: str) -> float | None:
 
 
 _CLI_TYPES = {
-    "budget": float, "window": int, "theta": float, "static_ratio": _optional_float, "chunk_size": int,
+    "budget": float, "budget_unit": str, "window": int, "theta": float, "static_ratio": _optional_float, "need_weight": float, "chunk_size": int,
     "top_k_chunks": _optional_int, "retrieval_interval": int, "chunk_score_scale": float, "sink": int, "recent": int,
-    "pool_kernel": int, "classifier": str, "head_profile": str,
+    "pool_kernel": int, "pool_forward": int, "classifier": str, "head_profile": str,
 }
 
 

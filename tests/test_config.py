@@ -19,6 +19,9 @@ from sglang_hybridkv.config import ENV_VAR, ConfigError, HybridKVConfig
     ("retrieval_interval", 0, ["retrieval_interval=0"]),
     ("top_k_chunks", True, ["top_k_chunks=True", "integer"]),
     ("static_ratio", float("nan"), ["static_ratio=nan"]),
+    ("budget_unit", "tokens", ["budget_unit='tokens'", "device", "media"]),
+    ("pool_forward", -1, ["pool_forward=-1", "[0, 1024]"]),
+    ("need_weight", 1.5, ["need_weight=1.5", "[0.0, 1.0]"]),
 ])
 def test_bad_values_name_knob_value_and_range(knob, value, words):
     with pytest.raises(ConfigError) as e:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .chunks import chunk_summaries
-from .plan import LayerPlan
+from .plan import LayerPlan, device_rows
 
 
 @dataclass
@@ -91,7 +91,7 @@ class CompressedLayer:
     @property
     def retrieved(self) -> int:
         """Chunks a dynamic head holds in its device buffer."""
-        return min(self.top_k, self.kmin.shape[1])
+        return min(self.top_k, math.ceil(self.k_host.shape[1] / self.chunk_size))
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Add ``T`` decoded tokens: ``k_new``/``v_new`` are ``(T, H, D)``."""
@@ -99,18 +99,15 @@ class CompressedLayer:
         self.v_gen = torch.cat([self.v_gen, v_new.transpose(0, 1).to(self.v_gen.dtype)], dim=1)
 
     def nbytes(self) -> KVBytes:
-        """Resident bytes of this layer per tier (see :class:`KVBytes`)."""
-        e = self.k_dev.element_size()
-        tok = 2 * self.head_dim * e  # one token's K and V of one head
+        """Resident bytes of this layer per tier (see :class:`KVBytes`); rows as :func:`core.plan.device_rows`."""
+        tok = 2 * self.head_dim * self.k_dev.element_size()  # one row: one token's K and V of one head
         h, g = self.num_heads, self.k_gen.shape[1]
-        n_dyn = self.dyn_heads.numel()
-        kept = int(self.dev_len.sum())
-        buffer = n_dyn * min(self.retrieved * self.chunk_size, self.k_host.shape[1])
-        pages = sum(math.ceil(int(n) / self.chunk_size) for n in self.dev_len) + n_dyn * self.retrieved
-        summaries = 2 * self.kmin.numel() * self.kmin.element_size()
+        n_dyn, n_host = self.dyn_heads.numel(), self.k_host.shape[1]
+        summary_rows = n_dyn * math.ceil(n_host / self.chunk_size)
+        pages = sum(math.ceil(int(n) / self.chunk_size) for n in self.plan.keep_len) + n_dyn * self.retrieved
         return KVBytes(
             full=h * (self.seq_len + g) * tok,
-            device=(kept + buffer + h * g) * tok,
-            host=n_dyn * self.k_host.shape[1] * tok,
-            metadata=summaries + 4 * pages,
+            device=(device_rows(self.plan, g) - summary_rows) * tok,
+            host=n_dyn * n_host * tok,
+            metadata=summary_rows * tok + 4 * pages,
         )

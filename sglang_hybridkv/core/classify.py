@@ -8,8 +8,6 @@ kept to measure agreement: the entropy rule (effective token count ``exp(H)``) a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .window import group_max
@@ -77,7 +75,3 @@ def classify_static(window_probs: torch.Tensor, media_idx: torch.Tensor, num_kv_
         return -group_max(-top.amin(1), num_kv_heads) >= theta
     raise ValueError(f"classifier={method!r} is not allowed: choose one of ['mass', 'entropy', 'topk_mass']")
 
-
-def share_tokens(budget: float, n_media: int) -> int:
-    """Per-head media-token share of a budget ratio (at least one token when there is media)."""
-    return 0 if n_media == 0 else max(1, int(math.floor(budget * n_media)))

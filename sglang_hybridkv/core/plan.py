@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,22 @@ class LayerPlan:
     @property
     def num_dynamic(self) -> int:
         return int((~self.static).sum())
+
+
+def device_rows(plan: LayerPlan, generated: int = 0) -> int:
+    """Device rows the compressed layer occupies; a row is one token's K and V of one KV head.
+
+    Counted: every head's kept prompt tokens; per dynamic head one row per chunk summary (min keys in the K
+    row, max keys in the V row) and a retrieval buffer of ``min(top_k * chunk_size, n_host)`` rows; and
+    ``generated`` decoded tokens, one row in every head each. This is what the budget (``core/budget.py``)
+    charges and what the SGLang pool region holds (before packing into whole slots); the full cache of the
+    same request holds ``H * (L + generated)`` rows.
+    """
+    n_host = plan.host_idx.numel()
+    n_dyn = plan.num_dynamic if n_host else 0
+    chunks = math.ceil(n_host / plan.chunk_size)
+    buffer = min(min(plan.top_k, chunks) * plan.chunk_size, n_host)
+    return int(plan.keep_len.sum()) + n_dyn * (chunks + buffer) + plan.static.numel() * generated
 
 
 def text_only_media_mask(seq_len: int, window: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sglang_hybridkv.core.budget import allocate
+from sglang_hybridkv.core.budget import allocate, dynamic_rows, media_rows
 from sglang_hybridkv.core.chunks import chunk_summaries, chunk_tokens, score_chunks, top_chunks
 from sglang_hybridkv.core.classify import classify_static, concentration, tokens_for_mass
 from sglang_hybridkv.core.select import always_kept, pool_scores, select_tokens
@@ -66,28 +66,54 @@ def test_classification_without_media_is_static():
 
 def test_allocation_top_down():
     static = torch.tensor([True, True, False, False])
-    need = torch.tensor([10, 30, 500, 500])
-    b = allocate(static, need, n_media=1000, budget=0.1, chunk_size=16)
-    # Layer budget 400 tokens; static heads get half (by count) split 1:3 by need.
-    assert b.tokens[:2].tolist() == [50, 150]
-    # Dynamic heads: 100 tokens each -> 6 whole chunks of 16.
+    need = torch.tensor([10, 30, 500, 400])
+    # Summaries not charged (the paper's media unit): 400 rows, half to 2 dynamic heads -> 100 each -> 6 chunks.
+    b = allocate(static, need, n_media=1000, rows=400, chunk_size=16, charge_summaries=False, need_weight=1.0)
     assert b.top_k == 6 and b.tokens[2:].tolist() == [96, 96]
-    assert int(b.tokens.sum()) <= 400
-    # static_ratio moves budget between types.
-    b2 = allocate(static, need, 1000, 0.1, 16, static_ratio=0.25)
-    assert int(b2.tokens[:2].sum()) == 100 and b2.top_k == 9
+    # Static heads share what the dynamic heads leave (400 - 192), 1:3 by need.
+    assert b.tokens[:2].tolist() == [52, 156]
+    # Device unit: each dynamic head also pays one row per summary (63 chunks) -> 2 chunks, within the rows.
+    b = allocate(static, need, 1000, 400, 16)
+    assert b.top_k == 2 and b.tokens[2:].tolist() == [32, 32]
+    assert int(b.tokens[:2].sum()) + 2 * (32 + 63) <= 400
+    assert dynamic_rows(2, 1000, 16, True) == 95 and dynamic_rows(2, 1000, 16, False) == 32
+    # static_ratio moves rows between types.
+    assert allocate(static, need, 1000, 400, 16, static_ratio=0.25, charge_summaries=False).top_k == 9
+
+
+def test_dynamic_heads_that_cannot_afford_a_chunk_become_static():
+    dyn = torch.tensor([False, False, True])
+    need = torch.tensor([500, 400, 10])
+    # 100 rows for 2 dynamic heads: 50 each < 63 summaries + 16; the one needing least is demoted first,
+    # and the other can then afford (100 - 63) // 16 = 2 chunks.
+    b = allocate(dyn, need, 1000, 200, 16, static_ratio=0.5)
+    assert b.static.tolist() == [False, True, True] and b.top_k == 2
+    assert dynamic_rows(b.top_k, 1000, 16, True) + int(b.tokens[b.static].sum()) <= 200
+    # Without demotion (the all-dynamic ablation) every head keeps one chunk, over the rows if need be.
+    b = allocate(torch.zeros(3, dtype=torch.bool), need, 1000, 10, 16, demote=False)
+    assert b.static.tolist() == [False] * 3 and b.top_k == 1
+    b = allocate(torch.zeros(3, dtype=torch.bool), need, 1000, 10, 16)
+    assert b.static.all() and int(b.tokens.sum()) <= 10
+
+
+def test_media_rows_charges_everything_in_the_device_unit():
+    # 4 heads, 1000-token prompt of which 900 media: 0.1 -> 400 rows, minus 100 always-kept rows per head.
+    assert media_rows(0.1, "device", 1000, 900, 100, 4) == pytest.approx(0.0)
+    assert media_rows(0.2, "device", 1000, 900, 100, 4) == pytest.approx(400.0)
+    assert media_rows(0.05, "device", 1000, 900, 100, 4) == 0.0  # below the floor: keep the floor only
+    assert media_rows(0.1, "media", 1000, 900, 100, 4) == pytest.approx(360.0)
+    with pytest.raises(ValueError, match="budget_unit='x'"):
+        media_rows(0.1, "x", 10, 5, 5, 1)
 
 
 def test_allocation_caps_and_edge_cases():
     # Needs larger than the media span are capped and the rest goes to the other static heads.
-    b = allocate(torch.tensor([True, True]), torch.tensor([1000, 1]), n_media=50, budget=0.9, chunk_size=16)
+    b = allocate(torch.tensor([True, True]), torch.tensor([1000, 1]), n_media=50, rows=90, chunk_size=16)
     assert b.tokens.max() <= 50 and int(b.tokens.sum()) == 90
-    assert allocate(torch.tensor([True]), torch.tensor([0]), 0, 0.1, 16).tokens.tolist() == [0]
-    # A dynamic head always gets at least one chunk, never more chunks than exist.
-    tiny = allocate(torch.tensor([False]), torch.tensor([5]), 20, 0.01, 16)
-    assert tiny.top_k == 1 and tiny.tokens.tolist() == [16]
-    assert allocate(torch.tensor([False]), torch.tensor([5]), 20, 1.0, 16).top_k == 2
-    assert allocate(torch.tensor([False]), torch.tensor([5]), 20, 0.1, 16, top_k_chunks=5).top_k == 2
+    assert allocate(torch.tensor([True]), torch.tensor([0]), 0, 0.0, 16).tokens.tolist() == [0]
+    # Never more chunks than exist; a share covering everything takes every chunk.
+    assert allocate(torch.tensor([False]), torch.tensor([5]), 20, 22, 16).top_k == 2
+    assert allocate(torch.tensor([False]), torch.tensor([5]), 20, 2, 16, top_k_chunks=5).top_k == 2
 
 
 def test_selection_keeps_text_sink_recent_and_best_media():
@@ -110,6 +136,29 @@ def test_pooling_spreads_a_peak_to_neighbours():
     p = pool_scores(s, 3)
     assert p[0, 3] > 0 and p[0, 5] > 0 and p[0, 2] == 0 and p.shape == s.shape
     assert torch.equal(pool_scores(s, 1), s)
+
+
+def test_forward_reach_keeps_what_follows_a_cue():
+    s = torch.zeros(1, 10)
+    s[0, 4] = 1.0
+    p = pool_scores(s, 1, forward=3)
+    # Positions 4..7 score like the cue; before it and past the reach, nothing changes.
+    assert p[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
+    # Average first, then the reach: the cue's neighbourhood is carried forward.
+    p = pool_scores(s, 3, forward=2)
+    assert p[0, 3] > 0 and p[0, 7] == p[0, 5] > 0 and p[0, 8] == 0
+    # A forward-pooled selection keeps the cue and the tokens after it.
+    keep = torch.zeros(10, dtype=torch.bool)
+    idx, n = select_tokens(pool_scores(s, 1, forward=3), keep, torch.tensor([4]))
+    assert idx[0, :4].tolist() == [4, 5, 6, 7]
+
+
+def test_need_weight_mixes_equal_and_need_proportional_shares():
+    static = torch.ones(2, dtype=torch.bool)
+    need = torch.tensor([10, 30])
+    assert allocate(static, need, 1000, 400, 16, need_weight=1.0).tokens.tolist() == [100, 300]
+    assert allocate(static, need, 1000, 400, 16, need_weight=0.0).tokens.tolist() == [200, 200]
+    assert allocate(static, need, 1000, 400, 16, need_weight=0.5).tokens.tolist() == [150, 250]
 
 
 @pytest.mark.parametrize("n,chunk", [(1, 16), (16, 16), (37, 16), (64, 8)])

@@ -6,7 +6,7 @@ import torch
 from sglang_hybridkv.config import HybridKVConfig
 from sglang_hybridkv.core.attention import decode_attention
 from sglang_hybridkv.core.cache import CompressedLayer
-from sglang_hybridkv.core.plan import LayerStats, text_only_media_mask
+from sglang_hybridkv.core.plan import LayerStats, device_rows, text_only_media_mask
 from sglang_hybridkv.core.policies import POLICY_CLASSES, make_policy
 from sglang_hybridkv.core.window import window_attention
 
@@ -100,13 +100,23 @@ def test_compaction_frees_memory_and_reports_tiers():
         plan, layer, _ = _compress(policy, 0.1, q, k, v, seq_len, media=media, w=32)
         b = layer.nbytes()
         assert b.full == 4 * seq_len * 2 * D * 4
-        # Device holds ~10 % of media plus text/sink; the dropped KV is not referenced any more.
-        assert b.ratio > 4, (policy, b)
+        # Budget 0.1 of the device unit: at most 10 % of the full rows, summaries and buffers included, and
+        # the bytes say so (page tables are the only extra); the dropped KV is not referenced any more.
+        if policy != "all_dynamic":
+            assert device_rows(plan) <= 0.1 * 4 * seq_len
+            assert b.ratio > 9.5, (policy, b)
+        assert (b.device + b.metadata - 4 * _pages(plan)) == device_rows(plan) * 2 * D * 4
         assert layer.k_dev.shape[1] < seq_len / 4
         if plan.num_dynamic:
             assert b.host == plan.num_dynamic * plan.host_idx.numel() * 2 * D * 4
         else:
             assert b.host == 0
+
+
+def _pages(plan):
+    pages = sum(-(-int(n) // plan.chunk_size) for n in plan.keep_len)
+    chunks = -(-plan.host_idx.numel() // plan.chunk_size)
+    return pages + (plan.num_dynamic * min(plan.top_k, chunks) if plan.host_idx.numel() else 0)
 
 
 @pytest.mark.parametrize("policy", sorted(POLICY_CLASSES))
@@ -130,24 +140,40 @@ def test_edge_cases(policy):
 def test_budget_bounds_static_heads():
     seq_len, w = 400, 8
     q, k, v = _layer(4, 2, seq_len, 0, seed=9)
+    # Device unit: window and sink count against the budget, 10 % of the prompt per head in all.
     plan, _, cfg = _compress("snapkv", 0.1, q, k, v, seq_len, w=w, sink=4)
-    n_media = seq_len - w - 4
-    assert plan.keep_len.tolist() == [int(0.1 * n_media) + w + 4] * 4
+    assert plan.keep_len.tolist() == [40] * 4 and device_rows(plan) == 160
     plan, _, _ = _compress("all_static", 0.1, q, k, v, seq_len, w=w, sink=4)
-    assert int((plan.keep_len - w - 4).sum()) <= 0.1 * n_media * 4 + 1e-6
+    assert device_rows(plan) <= 0.1 * seq_len * 4
+    # Media unit (the paper's): 10 % of the media tokens on top of window and sink.
+    n_media = seq_len - w - 4
+    plan, _, cfg = _compress("snapkv", 0.1, q, k, v, seq_len, w=w, sink=4, budget_unit="media")
+    assert plan.keep_len.tolist() == [int(0.1 * n_media) + w + 4] * 4
 
 
 def test_head_profile_replaces_classification(tmp_path):
     prof = tmp_path / "profile.json"
     prof.write_text('{"static": [[true, false]]}')
     q, k, v = _layer(2, 2, 100, 0, seed=3)
-    plan, _, _ = _compress("hybridkv", 0.1, q, k, v, 100, head_profile=str(prof))
+    plan, _, _ = _compress("hybridkv", 0.5, q, k, v, 100, head_profile=str(prof))
     assert plan.static.tolist() == [True, False]
     prof.write_text('{"static": [[true]]}')
     with pytest.raises(ValueError, match="no entry of 2 KV heads for layer 0"):
-        _compress("hybridkv", 0.1, q, k, v, 100, head_profile=str(prof))
+        _compress("hybridkv", 0.5, q, k, v, 100, head_profile=str(prof))
 
 
 def test_none_policy_is_not_a_compressor():
     with pytest.raises(ValueError, match="does not compress"):
         make_policy(HybridKVConfig(policy="none"))
+
+
+def test_device_rows_counts_every_resident_row():
+    """Kept tokens, one row per chunk summary and the retrieval buffer per dynamic head, decoded tokens."""
+    seq_len = 1000
+    q, k, v = _layer(4, 2, seq_len, 0, seed=3)
+    plan, layer, _ = _compress("all_dynamic", 0.2, q, k, v, seq_len, w=32, sink=4)
+    assert plan.keep_len.tolist() == [36] * 4 and plan.host_idx.numel() == 964
+    assert device_rows(plan) == 4 * 36 + 4 * (61 + 16 * plan.top_k)
+    assert device_rows(plan, generated=5) == device_rows(plan) + 20
+    # 200 rows per head, 36 always kept: 164 - 61 summaries -> 6 chunks of 16.
+    assert plan.top_k == 6 and device_rows(plan) <= 0.2 * 4 * seq_len

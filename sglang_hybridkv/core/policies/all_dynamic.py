@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..budget import HeadBudget, allocate
 from ..plan import LayerStats
 from .hybridkv import HybridKVPolicy
 
@@ -11,5 +12,11 @@ from .hybridkv import HybridKVPolicy
 class AllDynamicPolicy(HybridKVPolicy):
     name = "all_dynamic"
 
-    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor, share: int) -> torch.Tensor:
         return torch.zeros(stats.num_kv_heads, dtype=torch.bool)
+
+    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int, rows: float) -> HeadBudget:
+        # The ablation keeps every head dynamic: one chunk each at least, even past the budget (reports show it).
+        c = self.config
+        return allocate(static, need, n_media, rows, c.chunk_size, c.static_ratio, c.top_k_chunks,
+                        charge_summaries=c.budget_unit == "device", demote=False, need_weight=c.need_weight)

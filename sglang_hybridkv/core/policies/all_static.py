@@ -11,5 +11,5 @@ from .hybridkv import HybridKVPolicy
 class AllStaticPolicy(HybridKVPolicy):
     name = "all_static"
 
-    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor, share: int) -> torch.Tensor:
         return torch.ones(stats.num_kv_heads, dtype=torch.bool)

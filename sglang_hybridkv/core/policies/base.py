@@ -1,7 +1,7 @@
 """Base class of compression policies: the shared mechanics; subclasses answer two questions.
 
-A policy decides, per layer, (1) which KV heads are static and (2) how many media tokens each head keeps on
-the device. Everything else — scoring media by the observation window, pooling, keeping text/sink/recent
+A policy decides, per layer, (1) which KV heads are static and (2) how the layer's device rows (see
+``core/budget.py``) are shared among its heads. Everything else — scoring media by the observation window, pooling, keeping text/sink/recent
 tokens, choosing what goes to the host tier — is the same for every policy and lives here.
 """
 
@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 
 from ...config import HybridKVConfig
-from ..budget import HeadBudget, allocate
+from ..budget import HeadBudget, allocate, media_rows
 from ..classify import concentration
 from ..plan import LayerPlan, LayerStats
 from ..select import always_kept, pool_scores, select_tokens
@@ -30,14 +30,15 @@ class CompressionPolicy:
         self.config = config
 
     # ---- the two questions --------------------------------------------------------------------------
-    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-        """``(H,)`` bool, True for static heads."""
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor, share: int) -> torch.Tensor:
+        """``(H,)`` bool, True for static heads; ``share`` is the media rows per head the budget gives."""
         raise NotImplementedError
 
-    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int) -> HeadBudget:
-        """Per-head device budget in media tokens (see :func:`core.budget.allocate`)."""
+    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int, rows: float) -> HeadBudget:
+        """Per-head device budget out of the layer's media ``rows`` (see :func:`core.budget.allocate`)."""
         c = self.config
-        return allocate(static, need, n_media, c.budget, c.chunk_size, c.static_ratio, c.top_k_chunks)
+        return allocate(static, need, n_media, rows, c.chunk_size, c.static_ratio, c.top_k_chunks,
+                        charge_summaries=c.budget_unit == "device", need_weight=c.need_weight)
 
     # ---- shared mechanics ---------------------------------------------------------------------------
     def plan(self, stats: LayerStats) -> LayerPlan:
@@ -48,10 +49,12 @@ class CompressionPolicy:
         media_idx = (~keep_always).nonzero().flatten()
         n_media = media_idx.numel()
         probs = stats.window_probs
+        rows = media_rows(c.budget, c.budget_unit, keep_always.numel(), n_media, keep_always.numel() - n_media, h)
         need = concentration(probs, media_idx, h, c.theta) if n_media else torch.zeros(h, dtype=torch.long)
-        static = self.head_types(stats, media_idx, need).cpu()
-        budget = self.budgets(static, need.cpu(), n_media)
-        scores = pool_scores(group_mean(probs.mean(1), h), c.pool_kernel)
+        static = self.head_types(stats, media_idx, need, int(rows // h)).cpu()
+        budget = self.budgets(static, need.cpu(), n_media, rows)
+        static = budget.static
+        scores = pool_scores(group_mean(probs.mean(1), h), c.pool_kernel, c.pool_forward)
         per_head = torch.where(static, budget.tokens, torch.zeros_like(budget.tokens))
         keep_idx, keep_len = select_tokens(scores, keep_always, per_head)
         host_idx = media_idx if bool((~static).any()) else media_idx[:0]

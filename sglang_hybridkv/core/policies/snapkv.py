@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ..budget import HeadBudget
-from ..classify import share_tokens
 from ..plan import LayerStats
 from .base import CompressionPolicy
 
@@ -17,9 +16,9 @@ from .base import CompressionPolicy
 class SnapKVPolicy(CompressionPolicy):
     name = "snapkv"
 
-    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor, share: int) -> torch.Tensor:
         return torch.ones(stats.num_kv_heads, dtype=torch.bool)
 
-    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int) -> HeadBudget:
-        share = share_tokens(self.config.budget, n_media)
+    def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int, rows: float) -> HeadBudget:
+        share = min(n_media, int(rows // max(1, static.numel())))
         return HeadBudget(static.clone(), torch.full_like(need, share), 0)
