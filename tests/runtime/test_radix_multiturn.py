@@ -6,12 +6,14 @@ import json
 
 import pytest
 
+from sglang_hybridkv.config import HybridKVConfig
 from sglang_hybridkv.testing.server import get, post, sglang_server, wait_idle
 from tests.runtime.filler import filler
 
 pytestmark = pytest.mark.slow
 POOL = 2500
 GEN = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+WINDOW = HybridKVConfig().window  # the last WINDOW prompt tokens are never served from the cache
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_budget_one_same_with_radix_on_and_off(radix_server, tiny_llama_checkpoi
     params = dict(GEN, custom_params={"hybridkv": {"budget": 1.0}})
     # Twice each: the second request of a prompt extends over the cached uncompressed prefix.
     on = [post(radix_server + "/generate", {"text": p, "sampling_params": params}) for p in prompts + prompts]
-    assert on[2]["meta_info"]["cached_tokens"] == on[0]["meta_info"]["prompt_tokens"] - 32  # window recomputed
+    assert on[2]["meta_info"]["cached_tokens"] == on[0]["meta_info"]["prompt_tokens"] - WINDOW  # window recomputed
     with sglang_server(tiny_llama_checkpoint, extra_args=["--kv-compression", "hybridkv", "--disable-radix-cache"],
                        max_total_tokens=POOL) as off_url:
         off = [post(off_url + "/generate", {"text": p, "sampling_params": params}) for p in prompts]
@@ -52,9 +54,9 @@ def test_follow_up_turns_hit_the_cache_and_recompress(radix_server):
         meta = out["meta_info"]
         if turn:
             # The earlier prompt is cached (its answer is not: compressed requests' own tokens stay out of the
-            # tree); the last `window` (32) prompt tokens are always recomputed for the observation window.
-            assert meta["cached_tokens"] >= prev_prompt - 32
-            assert meta["prompt_tokens"] - meta["cached_tokens"] >= 32
+            # tree); the last `window` prompt tokens are always recomputed for the observation window.
+            assert meta["cached_tokens"] >= prev_prompt - WINDOW
+            assert meta["prompt_tokens"] - meta["cached_tokens"] >= WINDOW
         assert meta["hybridkv"]["compressed"] and meta["hybridkv"]["prompt_tokens"] == meta["prompt_tokens"]
         history += out["text"]
         prev_prompt = meta["prompt_tokens"]
@@ -85,7 +87,7 @@ def test_eviction_under_a_small_pool(radix_server):
     again = lambda s: post(radix_server + "/generate", {"text": filler("Video", 100 + s) + " Summary?",
                                                         "sampling_params": GEN})["meta_info"]
     recent = again(7)
-    assert recent["cached_tokens"] >= recent["prompt_tokens"] - 40
+    assert recent["cached_tokens"] >= recent["prompt_tokens"] - WINDOW - 8
     oldest = again(0)
     assert oldest["cached_tokens"] < 0.5 * oldest["prompt_tokens"]
     _idle_clean(radix_server)
