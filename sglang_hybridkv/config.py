@@ -60,22 +60,25 @@ class HybridKVConfig:
             classification: ``{"static": [[bool per KV head] per layer]}``.
     """
 
+    # Defaults chosen by the knob study (benchmarks/fidelity.py --sweep, benchmarks/results/fidelity-sweep.json:
+    # hybridkv on 10 captioned-video tasks, SmolLM2, accuracy at budgets 0.05 / 0.1 / 0.2); 0.1 decides, 10
+    # tasks resolve 0.1, so values within 0.1 of each other are ties and the simpler one stays.
     policy: str = "hybridkv"
     budget: float = 0.1
     budget_unit: str = "device"
-    window: int = 16
-    theta: float = 0.9
+    window: int = 16  # 8: 0.2/0.5/1.0, 16: 0.0/0.7/0.9, 32: 0.1/0.4/0.8 (its 10 caption tokens dilute the question)
+    theta: float = 0.9  # 0.5 / 0.7 / 0.9 tie at 0.1 (0.7); 0.7 is one task better at 0.2: not resolved
     static_ratio: float | None = None
-    need_weight: float = 0.5
+    need_weight: float = 0.5  # 0.0 and 0.5: 0.7 at 0.1; 1.0 (shares by need alone): 0.2 — it starves the cue heads
     chunk_size: int = 16
     top_k_chunks: int | None = None
     retrieval_interval: int = 1
-    chunk_score_scale: float = 0.25
+    chunk_score_scale: float = 0.25  # chunk-mass recovery study in core/chunks.py
     sink: int = 4
     recent: int = 0
-    pool_kernel: int = 7
-    pool_forward: int = 8
-    classifier: str = "mass"
+    pool_kernel: int = 7  # 1 / 3 / 7 / 15 tie at 0.1 and 0.2 (0.7 / 0.9)
+    pool_forward: int = 8  # 0: 0.4/0.7, 4: 0.5/0.9, 8: 0.7/0.9, 16: 0.2/0.9 at 0.1/0.2
+    classifier: str = "mass"  # mass / entropy / topk_mass tie at 0.1 (0.7)
     head_profile: str | None = None
 
     def __post_init__(self) -> None:
