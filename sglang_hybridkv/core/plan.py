@@ -72,10 +72,3 @@ def device_rows(plan: LayerPlan, generated: int = 0) -> int:
     buffer = min(min(plan.top_k, chunks) * plan.chunk_size, n_host)
     return int(plan.keep_len.sum()) + n_dyn * (chunks + buffer) + plan.static.numel() * generated
 
-
-def text_only_media_mask(seq_len: int, window: int) -> torch.Tensor:
-    """Media mask for a text-only request: the long context before the question (the last ``window``
-    positions, the observation window) plays the role of the media span."""
-    mask = torch.ones(seq_len, dtype=torch.bool)
-    mask[max(0, seq_len - window):] = False
-    return mask

@@ -6,7 +6,8 @@ import torch
 from sglang_hybridkv.config import HybridKVConfig
 from sglang_hybridkv.core.attention import decode_attention
 from sglang_hybridkv.core.cache import CompressedLayer
-from sglang_hybridkv.core.plan import LayerStats, device_rows, text_only_media_mask
+from sglang_hybridkv.core.compress import prompt_media_mask
+from sglang_hybridkv.core.plan import LayerStats, device_rows
 from sglang_hybridkv.core.policies import POLICY_CLASSES, make_policy
 from sglang_hybridkv.core.window import window_attention
 
@@ -34,7 +35,7 @@ def _reference(q, k, v, seq_len):
 
 def _compress(policy, budget, q, k, v, seq_len, media=None, w=4, **kw):
     cfg = HybridKVConfig(policy=policy, budget=budget, window=w, **kw)
-    media = text_only_media_mask(seq_len, w) if media is None else media
+    media = prompt_media_mask(seq_len, w, None) if media is None else media
     probs = window_attention(q[:, seq_len - w:seq_len], k[:, :seq_len], D ** -0.5)
     plan = make_policy(cfg).plan(LayerStats(probs, media, k.shape[0]))
     return plan, CompressedLayer(plan, k[:, :seq_len], v[:, :seq_len]), cfg
@@ -95,7 +96,7 @@ def test_dynamic_head_matches_attention_over_its_retrieved_chunks():
 def test_compaction_frees_memory_and_reports_tiers():
     seq_len = 1000
     q, k, v = _layer(4, 2, seq_len, 0, w=32, seed=3)
-    media = text_only_media_mask(seq_len, 32)
+    media = prompt_media_mask(seq_len, 32, None)
     for policy in ("snapkv", "all_static", "all_dynamic", "hybridkv"):
         plan, layer, _ = _compress(policy, 0.1, q, k, v, seq_len, media=media, w=32)
         b = layer.nbytes()
