@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.cache import CompressedLayer
+from ..core.plan import device_rows
 
 
 @dataclass
@@ -53,9 +54,8 @@ class RegionTables:
 
 
 def rows_needed(layer: CompressedLayer) -> int:
-    """Pool rows (one head, one token) that ``layer`` occupies: kept tokens, summaries, retrieval buffers."""
-    n_dyn, n_chunks = layer.kmin.shape[0], layer.kmin.shape[1]
-    return int(layer.dev_len.sum()) + n_dyn * (n_chunks + _buffer_len(layer))
+    """Pool rows (one head, one token) that ``layer`` occupies: the budget's own count (``core.plan.device_rows``)."""
+    return device_rows(layer.plan)
 
 
 def slots_needed(layers: dict[int, CompressedLayer]) -> int:
