@@ -19,7 +19,9 @@ CLASSIFIERS = ("mass", "entropy", "topk_mass")
 BUDGET_UNITS = ("device", "media")
 ENV_VAR = "SGLANG_HYBRIDKV_CONFIG"
 # Knobs a single request may change; the rest shape server-wide memory and stay fixed.
-REQUEST_FIELDS = ("policy", "budget", "theta", "static_ratio", "top_k_chunks", "retrieval_interval")
+REQUEST_FIELDS = ("policy", "budget", "budget_tokens", "theta", "static_ratio", "top_k_chunks", "retrieval_interval")
+# The two ways to say how much device KV a request keeps; a user gives one of them, never both.
+BUDGET_FIELDS = ("budget", "budget_tokens")
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,11 @@ class HybridKVConfig:
             chunk summaries, retrieval buffers (``core/budget.py``), so budget 0.1 means 10x less device KV
             at the end of prefill; "media": the paper's reading, media tokens per head as a fraction of the
             media tokens, text and summaries not charged.
+        budget_tokens: the same budget as a token count instead of a fraction: a compressed request keeps about
+            ``budget_tokens`` pool slots (device rows per KV head and layer), whatever its prompt length, which
+            is how an operator sizes a pool. When set it replaces ``budget``: :meth:`for_prompt` turns it into
+            the fraction ``min(1, budget_tokens / prompt_tokens)`` once the prompt length is known. Device unit
+            only.
         window: observation window, the last ``window`` prompt positions whose attention scores keys.
         theta: attention mass a head's kept media tokens must hold to count as concentrated.
         static_ratio: share of a layer's budget given to static heads; None splits by head count.
@@ -66,6 +73,7 @@ class HybridKVConfig:
     policy: str = "hybridkv"
     budget: float = 0.1
     budget_unit: str = "device"
+    budget_tokens: int | None = None
     window: int = 16  # 8: 0.2/0.5/1.0, 16: 0.0/0.7/0.9, 32: 0.1/0.4/0.8 (its 10 caption tokens dilute the question)
     theta: float = 0.9  # 0.5 / 0.7 / 0.9 tie at 0.1 (0.7); 0.7 is one task better at 0.2: not resolved
     static_ratio: float | None = None
@@ -86,6 +94,11 @@ class HybridKVConfig:
         _choice("classifier", self.classifier, CLASSIFIERS)
         _choice("budget_unit", self.budget_unit, BUDGET_UNITS)
         _number("budget", self.budget, float, lo=0.0, hi=1.0, lo_open=True)
+        if self.budget_tokens is not None:
+            _number("budget_tokens", self.budget_tokens, int, lo=1, hi=1 << 24)
+            if self.budget_unit != "device":
+                raise ConfigError(f"budget_tokens={self.budget_tokens} is not allowed with budget_unit="
+                                  f"{self.budget_unit!r}: a token budget counts device rows (budget_unit='device')")
         _number("theta", self.theta, float, lo=0.0, hi=1.0, lo_open=True)
         if self.static_ratio is not None:
             _number("static_ratio", self.static_ratio, float, lo=0.0, hi=1.0)
@@ -113,6 +126,16 @@ class HybridKVConfig:
     def replace(self, **changes: Any) -> "HybridKVConfig":
         """A copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
+
+    def for_prompt(self, prompt_tokens: int) -> "HybridKVConfig":
+        """The config one prompt is compressed with: a token budget becomes the fraction the method uses.
+
+        ``budget_tokens`` is kept, so that stats can say what was asked; ``budget`` is then the fraction that
+        ran. A prompt no longer than the token budget gets budget 1.0.
+        """
+        if self.budget_tokens is None:
+            return self
+        return self.replace(budget=min(1.0, self.budget_tokens / max(1, prompt_tokens)))
 
     # ---- mappings -------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -152,7 +175,11 @@ class HybridKVConfig:
         bad = sorted(set(params) - set(REQUEST_FIELDS))
         if bad:
             raise ConfigError(f"hybridkv field(s) {bad} cannot be set per request; allowed: {list(REQUEST_FIELDS)}")
-        return self.replace(**dict(params))
+        changes = dict(params)
+        _one_budget(changes)
+        if "budget" in changes:  # a fraction replaces the server's token budget
+            changes.setdefault("budget_tokens", None)
+        return self.replace(**changes)
 
     # ---- CLI ------------------------------------------------------------------------------------------
     @staticmethod
@@ -177,6 +204,7 @@ class HybridKVConfig:
             v = get(f"hybridkv_{f.name}")
             if f.name != "policy" and v is not None:
                 values[f.name] = v
+        _one_budget(values)
         return cls(**values)
 
 
@@ -192,10 +220,17 @@ def _optional_float(s: str) -> float | None:
 
 
 _CLI_TYPES = {
-    "budget": float, "budget_unit": str, "window": int, "theta": float, "static_ratio": _optional_float, "need_weight": float, "chunk_size": int,
+    "budget": float, "budget_tokens": int, "budget_unit": str, "window": int, "theta": float, "static_ratio": _optional_float, "need_weight": float, "chunk_size": int,
     "top_k_chunks": _optional_int, "retrieval_interval": int, "chunk_score_scale": float, "sink": int, "recent": int,
     "pool_kernel": int, "pool_forward": int, "classifier": str, "head_profile": str,
 }
+
+
+def _one_budget(given: Mapping[str, Any]) -> None:
+    """A user states the budget one way: as a fraction or as tokens."""
+    if all(given.get(k) is not None for k in BUDGET_FIELDS):
+        raise ConfigError(f"budget={given['budget']!r} and budget_tokens={given['budget_tokens']!r} were both "
+                          "given: set exactly one of budget (a fraction of the full KV) or budget_tokens")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

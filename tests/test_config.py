@@ -66,3 +66,33 @@ def test_per_request_overrides():
         base.with_request({"budget": -1})
     with pytest.raises(ConfigError, match="must be an object"):
         base.with_request([("budget", 0.2)])
+
+
+def test_budget_tokens_is_the_other_way_to_give_the_budget():
+    # Server-wide: a token budget, validated like every knob; never together with a fraction.
+    parser = argparse.ArgumentParser()
+    HybridKVConfig.add_cli_args(parser)
+    cfg = HybridKVConfig.from_cli(parser.parse_args(["--kv-compression", "hybridkv", "--hybridkv-budget-tokens", "128"]))
+    assert cfg.budget_tokens == 128
+    with pytest.raises(ConfigError, match="set exactly one of budget"):
+        HybridKVConfig.from_cli(parser.parse_args(["--kv-compression", "hybridkv", "--hybridkv-budget", "0.1",
+                                                   "--hybridkv-budget-tokens", "128"]))
+    for bad, words in ((0, "budget_tokens=0"), (1.5, "integer"), ("64", "integer")):
+        with pytest.raises(ConfigError, match=words):
+            HybridKVConfig(budget_tokens=bad)
+    with pytest.raises(ConfigError, match="budget_unit='media'"):
+        HybridKVConfig(budget_tokens=64, budget_unit="media")
+    # It survives the trip to scheduler processes.
+    assert HybridKVConfig.from_env({ENV_VAR: cfg.to_json()}) == cfg
+    # Per prompt it becomes the fraction the method runs with, and says what was asked.
+    resolved = cfg.for_prompt(1024)
+    assert (resolved.budget, resolved.budget_tokens) == (0.125, 128)
+    assert cfg.for_prompt(100).budget == 1.0
+    assert HybridKVConfig(budget=0.3).for_prompt(1024).budget == 0.3
+    # Per request: either one replaces the server's budget, both at once is an error naming them.
+    assert cfg.with_request({"budget": 0.2}).for_prompt(1000).budget == 0.2
+    assert HybridKVConfig(budget=0.2).with_request({"budget_tokens": 50}).for_prompt(1000).budget == 0.05
+    with pytest.raises(ConfigError, match="budget=0.2 and budget_tokens=50"):
+        cfg.with_request({"budget": 0.2, "budget_tokens": 50})
+    with pytest.raises(ConfigError, match="budget_tokens=-3"):
+        cfg.with_request({"budget_tokens": -3})
