@@ -1,10 +1,12 @@
-"""SGLang plugin entry point (group ``sglang.srt.plugins``): ``--kv-compression`` for ``sglang.launch_server``.
+"""SGLang plugin entry point (group ``sglang.srt.plugins``): ``--kv-compression`` for ``sglang.launch_server``,
+``sglang serve`` and ``sgl.Engine(kv_compression=...)``.
 
 ``register()`` runs in every SGLang process. Everywhere it adds the CLI flags and the attention backend name
 (harmless without ``--kv-compression``). In the launcher, the ``prepare_server_args`` hook validates the flags,
 refuses combinations that do not work yet, exports the config as JSON in ``SGLANG_HYBRIDKV_CONFIG`` and implies
-``--attention-backend hybridkv``. Scheduler processes inherit the variable and install the runtime hooks; with
-no ``--kv-compression`` (or ``none``) nothing else is hooked and SGLang runs unchanged.
+``--attention-backend hybridkv``; ``sgl.Engine(**kwargs)``, which has no command line, does the same through
+:func:`engine_server_args`. Scheduler processes inherit the variable and install the runtime hooks; with no
+``--kv-compression`` (or ``none``) nothing else is hooked and SGLang runs unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import sys
 
 
-from ..config import ENV_VAR, ConfigError, HybridKVConfig
+from ..config import ENV_VAR, FIELDS, ConfigError, HybridKVConfig
 from .requests import active_config, request_config
 from .targets import IncompatibleSGLang, check_targets
 
@@ -28,9 +30,12 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "
                    "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"}
 # Flags implied by --kv-compression: compaction frees and rewrites pool slots between batches, which the overlap
 # scheduler (next batch prepared while this one runs) would race with. The radix cache stays as the user sets it.
-IMPLIED = ["--attention-backend", BACKEND, "--disable-overlap-schedule"]
+IMPLIED = {"attention_backend": BACKEND, "disable_overlap_schedule": True}
 # On CUDA, graphs are off: the decode plan's shapes follow the batch (see README, "GPU").
-IMPLIED_CUDA = ["--disable-prefill-cuda-graph", "--disable-decode-cuda-graph"]
+IMPLIED_CUDA = {"disable_prefill_cuda_graph": True, "disable_decode_cuda_graph": True}
+BACKEND_FIELDS = ("attention_backend", "decode_attention_backend", "prefill_attention_backend")
+# Engine keyword arguments that are ours (the CLI flags' dests).
+ENGINE_KWARGS = ("kv_compression", *(f"hybridkv_{f}" for f in FIELDS if f != "policy"))
 
 
 class StartupError(SystemExit):
@@ -50,6 +55,7 @@ def register() -> None:
                           _validate_request, HookType.BEFORE)
     HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._wait_one_response",
                           _one_stats_dict, HookType.AROUND)
+    _let_engine_take_flags()
     config = HybridKVConfig.from_env()
     if config is not None and config.enabled:
         check_targets()
@@ -105,8 +111,7 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     except IncompatibleSGLang as e:
         raise StartupError(str(e)) from None
     argv = _strip_backend_flags(argv, config)
-    implied = IMPLIED + (IMPLIED_CUDA if _device(argv) == "cuda" else [])
-    server_args = orig(argv + implied, *args, **kwargs)
+    server_args = orig(argv + _as_flags(_implied(_device(argv))), *args, **kwargs)
     _refuse_unsupported(server_args, config)
     os.environ[ENV_VAR] = config.to_json()
     logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
@@ -117,9 +122,28 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     return server_args
 
 
+def _implied(device: str | None) -> dict:
+    return {**IMPLIED, **(IMPLIED_CUDA if device == "cuda" else {})}
+
+
+def _as_flags(settings: dict) -> list[str]:
+    flags = []
+    for name, value in settings.items():
+        flags += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return flags
+
+
+def _backend_refusal(config: HybridKVConfig, name: str, value) -> str | None:
+    """We run our own backend; the user may name it or the stock one it extends, nothing else."""
+    if value in (None, "torch_native", BACKEND):
+        return None
+    return (f"--kv-compression {config.policy} runs its own attention backend (CPU: torch_native extend + "
+            f"hybridkv decode); {name} {value} is not supported")
+
+
 def _strip_backend_flags(argv: list[str], config: HybridKVConfig) -> list[str]:
     """Drop ``--attention-backend torch_native|hybridkv`` (we set it); any other backend is an error."""
-    flags = ("--attention-backend", "--decode-attention-backend", "--prefill-attention-backend")
+    flags = tuple(f"--{f.replace('_', '-')}" for f in BACKEND_FIELDS)
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
@@ -128,9 +152,9 @@ def _strip_backend_flags(argv: list[str], config: HybridKVConfig) -> list[str]:
             if not eq:
                 value = argv[i + 1] if i + 1 < len(argv) else ""
                 i += 1
-            if value not in ("torch_native", BACKEND):
-                raise StartupError(f"--kv-compression {config.policy} runs its own attention backend (CPU: "
-                                   f"torch_native extend + hybridkv decode); {name} {value} is not supported")
+            refusal = _backend_refusal(config, name, value)
+            if refusal:
+                raise StartupError(refusal)
         else:
             out.append(a)
         i += 1
@@ -138,6 +162,13 @@ def _strip_backend_flags(argv: list[str], config: HybridKVConfig) -> list[str]:
 
 
 def _refuse_unsupported(sa, config: HybridKVConfig) -> None:
+    problems = _unsupported(sa, config)
+    if problems:
+        raise StartupError(problems)
+
+
+def _unsupported(sa, config: HybridKVConfig) -> str | None:
+    """What in the server args does not work with compression yet, as one line; None if all works."""
     def val(name, default=None):
         return getattr(sa, name, default)
 
@@ -168,8 +199,57 @@ def _refuse_unsupported(sa, config: HybridKVConfig) -> None:
     arch = _architecture(val("model_path"))
     if arch is not None and arch not in SUPPORTED_ARCHS:
         problems.append(f"model architecture {arch} (supported: {sorted(SUPPORTED_ARCHS)})")
+    return f"--kv-compression {config.policy} does not work with " + "; ".join(problems) if problems else None
+
+
+# ---- sgl.Engine (in-process; no command line) -------------------------------------------------------
+def _let_engine_take_flags() -> None:
+    """Make ``sgl.Engine(..., kv_compression=..., hybridkv_<knob>=...)`` work.
+
+    ``Engine.__init__`` loads the plugins and then builds its ``ServerArgs`` with ``self.server_args_class(**kwargs)``,
+    which refuses unknown keywords and never passes through ``prepare_server_args``; so that class attribute is
+    swapped for :func:`engine_server_args`. Directly, not through the HookRegistry: a hook on it would be a class
+    REPLACE, which the registry propagates to every module's ``ServerArgs`` binding. Only where the engine
+    module is loaded (the Engine's and the launcher's process), so schedulers do not import it.
+    """
+    engine = sys.modules.get("sglang.srt.entrypoints.engine")
+    if engine is not None and engine.Engine.__dict__.get("server_args_class") is not _ENGINE_ARGS:
+        engine.Engine.server_args_class = _ENGINE_ARGS
+
+
+def engine_server_args(**kwargs):
+    """SGLang's ``ServerArgs`` for ``sgl.Engine(**kwargs)``, taking ``kv_compression`` and ``hybridkv_*``.
+
+    Validates the knobs (``ConfigError``, a ValueError naming knob and range), refuses what does not work yet,
+    implies the attention backend and overlap scheduling off as the CLI does, and exports the config for the
+    scheduler processes the engine spawns next. Without ``kv_compression`` (or with ``none``) the engine runs
+    unchanged, also after a compressed engine in the same process.
+    """
+    from sglang.srt.server_args import ServerArgs
+
+    ours = {k: kwargs.pop(k) for k in list(kwargs) if k == "kv_compression" or k.startswith("hybridkv_")}
+    unknown = sorted(set(ours) - set(ENGINE_KWARGS))
+    if unknown:
+        raise ConfigError(f"unknown sgl.Engine argument(s) {unknown}; sglang-hybridkv takes {list(ENGINE_KWARGS)}")
+    config = HybridKVConfig.from_cli(ours)
+    if not config.enabled:
+        os.environ.pop(ENV_VAR, None)
+        return ServerArgs(**kwargs)
+    check_targets()
+    for name in BACKEND_FIELDS:
+        refusal = _backend_refusal(config, name, kwargs.pop(name, None))
+        if refusal:
+            raise ConfigError(refusal)
+    server_args = ServerArgs(**kwargs, **_implied(kwargs.get("device")))
+    problems = _unsupported(server_args, config)
     if problems:
-        raise StartupError(f"--kv-compression {config.policy} does not work with " + "; ".join(problems))
+        raise ConfigError(problems)
+    os.environ[ENV_VAR] = config.to_json()
+    logger.info("hybridkv: sgl.Engine with kv_compression=%s, config %s", config.policy, config.to_json())
+    return server_args
+
+
+_ENGINE_ARGS = staticmethod(engine_server_args)
 
 
 def _device(argv: list[str]) -> str | None:

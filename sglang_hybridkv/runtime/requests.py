@@ -48,14 +48,16 @@ class RequestHandle:
     Attributes:
         rid: SGLang's request id.
         config: the request's config; None when it compresses nothing (policy "none", or at most one output
-            token: compaction would cost more than it saves).
+            token: compaction would cost more than it saves). A token budget is already a fraction of this
+            prompt (``HybridKVConfig.for_prompt``).
         prompt_len: prompt tokens (``origin_input_ids``); compression covers exactly these, whatever else a
             re-prefill after retraction recomputes.
         media_mask: ``(prompt_len,)`` bool on image/video tokens; None for text-only requests.
         q_window: per layer ``(Hq, w, D)`` queries of the prompt's last ``w`` positions, filled chunk by chunk
             (chunked prefill) and dropped at compaction.
         q_filled: ``(w,)`` bool, window positions whose queries have been seen.
-        stats: ``meta_info["hybridkv"]`` of the request, set at compaction.
+        stats: what compaction measured (see :attr:`report` for what the request is told).
+        exported: the ``stats`` object last counted in the Prometheus metrics (``runtime/metrics.py``).
         pending_unlock: compacted with the radix cache on: once SGLang has inserted the prompt into the tree,
             the scheduler hooks drop the request's lock on it.
         unlocked: the plugin dropped the request's radix lock and set ``skip_radix_cache_insert``.
@@ -70,10 +72,19 @@ class RequestHandle:
     stats: dict | None = None
     pending_unlock: bool = False
     unlocked: bool = False
+    exported: dict | None = None
 
     @property
     def window(self) -> int:
         return min(self.config.window, self.prompt_len)
+
+    @property
+    def report(self) -> dict | None:
+        """``meta_info["hybridkv"]``: the stats, plus the token budget the request asked for (``budget`` is
+        then the fraction of this prompt it came to)."""
+        if self.stats is None or self.config.budget_tokens is None:
+            return self.stats
+        return {**self.stats, "budget_tokens": self.config.budget_tokens}
 
 
 def handle_of(req) -> RequestHandle:
@@ -84,7 +95,9 @@ def handle_of(req) -> RequestHandle:
         cfg = request_config(getattr(sp, "custom_params", None))
         if cfg is not None and (not cfg.enabled or (sp.max_new_tokens is not None and sp.max_new_tokens <= 1)):
             cfg = None
-        handle = RequestHandle(req.rid, cfg, len(req.origin_input_ids), _media_mask(req))
+        prompt_len = len(req.origin_input_ids)
+        handle = RequestHandle(req.rid, None if cfg is None else cfg.for_prompt(prompt_len), prompt_len,
+                               _media_mask(req))
         req.hybridkv = handle
     return handle
 

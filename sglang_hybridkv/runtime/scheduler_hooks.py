@@ -31,6 +31,7 @@ def install(registry, hook_type) -> None:
                       "is_request_level_customized_info_key", _request_level_key, hook_type.REPLACE)
     registry.register("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController."
                       "get_internal_state", _report_state, hook_type.AFTER)
+    registry.register("sglang.srt.managers.scheduler.Scheduler.process_batch_result", _export_metrics, hook_type.AFTER)
     SchedulerOutputStreamer.has_additional_customized_info = True
 
 
@@ -124,13 +125,38 @@ def _build_stats(self, reqs):
     values = []
     for req in reqs:
         h = getattr(req, "hybridkv", None)
-        stats = None if h is None else h.stats
-        values.append([stats] if stats is not None else [])  # SGLang accumulates lists per request
+        report = None if h is None else h.report
+        values.append([report] if report is not None else [])  # SGLang accumulates lists per request
     return {"hybridkv": values}
 
 
 def _request_level_key(self, key: str) -> bool:
     return key == "hybridkv"
+
+
+def _export_metrics(result, self, batch, *args, **kwargs):
+    """``--enable-metrics``: after each batch, count the compactions it made and set the gauges from the
+    compressed requests that still hold a region (finished ones were released inside this call)."""
+    reporter = self.metrics_reporter
+    if not reporter.current_scheduler_metrics_enabled:
+        return result
+    from .metrics import metrics_for
+
+    metrics = metrics_for(tuple(sorted((k, str(v)) for k, v in reporter.metrics_collector.labels.items())))
+    regions = _regions(self.req_to_token_pool)
+    running = []
+    for req in {id(r): r for r in (*self.running_batch.reqs, *batch.reqs)}.values():
+        h = getattr(req, "hybridkv", None)
+        if h is None or h.stats is None:
+            continue
+        if h.stats is not h.exported:
+            metrics.record(h.report)
+            h.exported = h.stats
+        region = None if regions is None or req.kv.req_pool_idx is None else regions.get(req.kv.req_pool_idx)
+        if region is not None and region.rid == req.rid:
+            running.append(h.stats)
+    metrics.set_running(running)
+    return result
 
 
 def _report_state(result, self, *args, **kwargs):

@@ -17,6 +17,8 @@ TARGETS: dict[str, str] = {
     "sglang.srt.server_args.prepare_server_args": "AROUND: validate flags, export config, imply settings",
     "sglang.srt.layers.attention.attention_registry.register_attention_backend": "register backend 'hybridkv'",
     "sglang.srt.server_args.add_attention_backend_choices": "allow --attention-backend hybridkv",
+    "sglang.srt.entrypoints.engine.Engine.server_args_class":
+        "replaced by plugin.engine_server_args: sgl.Engine(kv_compression=..., hybridkv_*=...)",
     # scheduler: backend, accounting, per-request stats
     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend": "base class of the CPU backend",
     "sglang.srt.layers.attention.triton_backend.TritonAttnBackend": "base class of the CUDA backend",
@@ -38,6 +40,10 @@ TARGETS: dict[str, str] = {
         "REPLACE: 'hybridkv' is per request, not per token",
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state":
         "AFTER: report pool and compressed-region counters in /server_info",
+    "sglang.srt.managers.scheduler.Scheduler.process_batch_result":
+        "AFTER: --enable-metrics, export compression metrics (runtime/metrics.py)",
+    "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter":
+        "used: current_scheduler_metrics_enabled and the scheduler's metric labels",
     # tokenizer manager: per-request validation and meta_info
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "BEFORE: validate overrides",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._wait_one_response":

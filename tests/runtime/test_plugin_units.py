@@ -75,3 +75,23 @@ def test_beam_search_is_refused_per_request_unless_uncompressed(monkeypatch):
         plugin._validate_request(None, obj)
     obj.sampling_params["custom_params"] = {"hybridkv": {"policy": "none"}}
     plugin._validate_request(None, obj)
+
+
+def test_engine_takes_the_flags_as_keyword_arguments(monkeypatch):
+    from sglang.srt.entrypoints.engine import Engine
+
+    monkeypatch.delenv("SGLANG_HYBRIDKV_CONFIG", raising=False)
+    plugin._let_engine_take_flags()  # what register() does when sgl.Engine loads the plugin
+    sa = Engine.server_args_class(model_path="m", device="cpu", kv_compression="snapkv", hybridkv_budget_tokens=64)
+    assert (sa.model_path, sa.attention_backend, sa.disable_overlap_schedule) == ("m", "hybridkv", True)
+    cfg = HybridKVConfig.from_env()
+    assert (cfg.policy, cfg.budget_tokens) == ("snapkv", 64)
+    # A later engine without the flag in the same process runs uncompressed.
+    sa = Engine.server_args_class(model_path="m", device="cpu")
+    assert sa.attention_backend is None and HybridKVConfig.from_env() is None
+    for kw, words in (({"hybridkv_budget": 3.0}, "budget=3.0"), ({"hybridkv_bugdet": 0.1}, "hybridkv_bugdet"),
+                      ({"attention_backend": "flashinfer"}, "flashinfer is not supported"),
+                      ({"enable_mixed_chunk": True}, "--enable-mixed-chunk"),
+                      ({"hybridkv_budget": 0.1, "hybridkv_budget_tokens": 8}, "exactly one")):
+        with pytest.raises(ConfigError, match=words):
+            Engine.server_args_class(model_path="m", device="cpu", kv_compression="hybridkv", **kw)
