@@ -18,10 +18,16 @@ from typing import Iterator
 CPU_COMPAT = os.path.join(os.path.dirname(__file__), "cpu_compat")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(lo: int | None = None, hi: int | None = None) -> int:
+    """A free loopback port: any, or the first free one in ``[lo, hi)`` (hosts that share port ranges)."""
+    for port in (range(lo, hi) if lo is not None else [0]):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in [{lo}, {hi})")
 
 
 def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -35,13 +41,23 @@ def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def server_command(model_path: str, port: int, device: str = "cpu", max_total_tokens: int = 16384,
-                   extra_args: list[str] | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
-           "--port", str(port), "--device", device, "--log-level", "warning"]
+                   extra_args: list[str] | None = None, serve: bool = False) -> list[str]:
+    """``python -m sglang.launch_server ...``, or with ``serve`` SGLang's newer CLI, ``sglang serve ...``."""
+    launcher = ([os.path.join(os.path.dirname(sys.executable), "sglang"), "serve"] if serve
+                else [sys.executable, "-m", "sglang.launch_server"])
+    cmd = launcher + ["--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), "--device", device,
+                      "--log-level", "warning"]
     if device == "cpu":
-        cmd += ["--attention-backend", "torch_native", "--max-total-tokens", str(max_total_tokens),
-                "--mem-fraction-static", "0.4", "--dtype", "float32", "--skip-server-warmup"]
+        for name, value in cpu_settings(max_total_tokens).items():
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+        cmd += ["--skip-server-warmup"]
     return cmd + list(extra_args or [])
+
+
+def cpu_settings(max_total_tokens: int = 16384) -> dict:
+    """Server arguments for SGLang on a CPU (flags of ``server_command``, keywords of ``sgl.Engine``)."""
+    return {"attention_backend": "torch_native", "max_total_tokens": max_total_tokens, "mem_fraction_static": 0.4,
+            "dtype": "float32"}
 
 
 def post(url: str, payload: dict, timeout: float = 600) -> dict:
@@ -68,14 +84,15 @@ class HTTPError(RuntimeError):
 @contextlib.contextmanager
 def sglang_server(model_path: str, extra_args: list[str] | None = None, device: str = "cpu",
                   max_total_tokens: int = 16384, timeout: float = 300, log_path: str | None = None,
-                  env: dict[str, str] | None = None, progress: bool = False) -> Iterator[str]:
+                  env: dict[str, str] | None = None, progress: bool = False, serve: bool = False,
+                  port: int | None = None) -> Iterator[str]:
     """Run ``sglang.launch_server`` until the block exits; yields its base URL.
 
     Start-up failures raise with the tail of the server log. The server is stopped with SIGTERM (SIGKILL after
     20 s) and its whole process group is reaped, so no scheduler process outlives the block.
     """
-    port = free_port()
-    cmd = server_command(model_path, port, device, max_total_tokens, extra_args)
+    port = port or free_port()
+    cmd = server_command(model_path, port, device, max_total_tokens, extra_args, serve)
     log_path = log_path or os.path.join("/tmp", f"sglang-hybridkv-server-{port}.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
