@@ -5,7 +5,7 @@ with ``--kv-compression hybridkv``, whose rows pick policy and budget per reques
 compressed row runs on the same pool in the same process. Both servers run with the radix cache and overlap
 scheduling off (the plugin turns overlap off; distinct prompts share little, and a tree of evictable prompts
 would blur what the pool holds), so the pool's free slots are the only variable. Each row sends all its long
-long requests at once through a small async streaming client and reads from SGLang's own decode log how many
+requests at once through a small async streaming client and reads from SGLang's own decode log how many
 requests were running at once. Workloads: ``captions`` (captioned-video prompts, SmolLM2 with real weights) or
 ``images`` (videos as frames, each an image, on a tiny random Qwen2.5-VL: SGLang's multimodal path). Defaults
 are decode-heavy (long outputs), where compressed decode matters.
@@ -13,6 +13,12 @@ are decode-heavy (long outputs), where compressed decode matters.
 The *oracle* row (``"oracle_pool": true``) runs ``none`` again on a pool big enough for as many requests at
 once as the first compressed row reached: it separates what compression buys by admitting more requests
 from what it buys per decode step at the same concurrency.
+
+Latency columns: TPOT p50 is per request, (end-to-end - TTFT) / (output - 1), so it also counts the time a
+request waits, after its first token, while SGLang prefills requests admitted after it (SGLang runs a prefill
+batch whenever one fits; compressed requests enter in several waves because each prefill needs its whole
+prompt in the pool until compaction). ITL p50 (median gap between streamed tokens) and ``step@peak`` (median
+decode step at peak concurrency, from SGLang's log) measure the decode step itself.
 
     .venv/bin/python benchmarks/serving.py --quick --json out.json
     .venv/bin/python benchmarks/serving.py --quick --workload images --json out.json
@@ -31,7 +37,7 @@ import time
 from sglang_hybridkv.testing.captioned_video import sign_number
 from sglang_hybridkv.testing.frames import data_url, frame_png, vl_prompt
 from sglang_hybridkv.testing.models import cached_checkpoint, kv_bytes_per_token
-from sglang_hybridkv.testing.server import decode_running_counts, server_log, sglang_server
+from sglang_hybridkv.testing.server import decode_running_counts, decode_step_times, server_log, sglang_server
 
 LOG = ["--log-level", "info", "--decode-log-interval", "1"]
 BASELINE = ["--disable-radix-cache", "--disable-overlap-schedule"]
@@ -57,10 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", default=None)
     a = p.parse_args(argv)
-    quick = {"pool_tokens": 2560, "requests": 16, "frames": 32, "output_len": 192,
+    # Prompts of ~1,230 tokens: long enough that a compressed request (prompt/10 + output) takes >= 4x fewer
+    # slots than a full one while still generating >= 128 tokens.
+    quick = {"pool_tokens": 4096, "requests": 16, "frames": 96, "output_len": 128,
              "rows": "none,hybridkv@0.1"}
-    full = {"pool_tokens": 4096, "requests": 32, "frames": 48, "output_len": 256,
-            "rows": "none,hybridkv@0.1,snapkv@0.1,hybridkv@0.05,hybridkv@0.2"}
+    full = {"pool_tokens": 8192, "requests": 32, "frames": 96, "output_len": 160,
+            "rows": "none,hybridkv@0.1,hybridkv@0.2,snapkv@0.1"}
     if a.workload == "images":
         quick["frames"] = full["frames"] = 12
     for k, v in (quick if a.quick else full).items():
@@ -78,7 +86,7 @@ def _parse_row(spec: str) -> tuple[str, float]:
 async def _one(session, url: str, body: dict, params: dict) -> dict:
     """Stream one /generate request; returns TTFT, end-to-end time, output tokens and the final meta_info."""
     t0 = time.perf_counter()
-    ttft, last = None, None
+    ttft, last, stamps = None, None, []
     async with session.post(url + "/generate", json={**body, "sampling_params": params, "stream": True}) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
@@ -87,12 +95,13 @@ async def _one(session, url: str, body: dict, params: dict) -> dict:
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             last = json.loads(line[5:])
+            stamps.append(time.perf_counter() - t0)
             if ttft is None:
-                ttft = time.perf_counter() - t0
+                ttft = stamps[0]
     e2e = time.perf_counter() - t0
     meta = last["meta_info"]
     return {"ttft": ttft, "e2e": e2e, "out": meta["completion_tokens"], "prompt": meta["prompt_tokens"],
-            "hybridkv": meta.get("hybridkv")}
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "hybridkv": meta.get("hybridkv")}
 
 
 async def _burst(url: str, bodies: list[dict], params: dict) -> tuple[list[dict], float]:
@@ -115,22 +124,28 @@ def run_row(url: str, policy: str, budget: float, bodies: list[dict], output_len
     params = {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}
     if policy != "none":
         params["custom_params"] = {"hybridkv": {"policy": policy, "budget": budget}}
-    # Prefill cost alone, no queueing: best of two (the first request after start-up pays lazy initialisation).
-    solo = min((asyncio.run(_burst(url, bodies[:1], params))[0] for _ in range(2)), key=lambda r: r[0]["ttft"])
+    # Prefill cost alone, no queueing: best of two (the first request after start-up pays lazy initialisation);
+    # two output tokens, because a request that generates one token is not compressed.
+    solo_params = {**params, "max_new_tokens": 2}
+    solo = min((asyncio.run(_burst(url, bodies[:1], solo_params))[0] for _ in range(2)), key=lambda r: r[0]["ttft"])
     offset = len(server_log(url))
     results, wall = asyncio.run(_burst(url, bodies, params))
     time.sleep(1)
     running = decode_running_counts(url, offset)
+    peak = max(running, default=0)
+    steps = [s for n, s in decode_step_times(url, offset) if n == peak]
     tpot = [(r["e2e"] - r["ttft"]) / max(1, r["out"] - 1) for r in results]
+    itl = [x for r in results for x in r["itl"]]
     if policy == "none":
         kv_dev = statistics.mean(r["prompt"] for r in results) * full_bytes_per_token
     else:
         kv_dev = statistics.mean(r["hybridkv"]["kv_bytes_device"] for r in results)
     return {"policy": policy, "budget": budget, "pool_tokens": pool_tokens, "oracle_pool": False,
-            "requests": len(results), "peak_running": max(running, default=0),
+            "requests": len(results), "peak_running": peak,
             "throughput_tok_s": sum(r["out"] for r in results) / wall, "wall_s": wall,
             "ttft_p50_s": _pct([r["ttft"] for r in results], 0.5), "ttft_p99_s": _pct([r["ttft"] for r in results], 0.99),
-            "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99), "kv_bytes_device_per_req": kv_dev,
+            "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99), "itl_p50_s": _pct(itl, 0.5),
+            "decode_step_at_peak_s": _pct(steps, 0.5), "kv_bytes_device_per_req": kv_dev,
             "solo_ttft_s": solo[0]["ttft"], "prompt": max(r["prompt"] for r in results),
             "prefill_overhead": solo[0]["ttft"] / solo_ttft_none if solo_ttft_none else 1.0}
 
@@ -149,11 +164,12 @@ def make_requests(workload: str, n: int, frames: int, row: int) -> list[dict]:
 def print_table(pool: int, rows: list[dict]) -> None:
     print(f"\npool {pool} tokens (oracle row: its own pool), {rows[0]['requests']} concurrent requests per row")
     print(f"{'policy':>10} {'budget':>6} {'pool':>6} {'peak run':>8} {'tok/s':>7} {'TTFT p50':>8} {'p99':>7} "
-          f"{'TPOT p50':>8} {'p99':>7} {'KV dev/req':>12} {'prefill':>7}")
+          f"{'TPOT p50':>8} {'p99':>7} {'ITL p50':>7} {'step@peak':>9} {'KV dev/req':>12} {'prefill':>7}")
     for r in rows:
         print(f"{r['policy']:>10} {r['budget']:>6.2f} {r['pool_tokens']:>6d} {r['peak_running']:>8d} "
               f"{r['throughput_tok_s']:>7.1f} "
               f"{r['ttft_p50_s']:>8.2f} {r['ttft_p99_s']:>7.2f} {r['tpot_p50_s']:>8.3f} {r['tpot_p99_s']:>7.3f} "
+              f"{r['itl_p50_s']:>7.3f} {r['decode_step_at_peak_s']:>9.3f} "
               f"{r['kv_bytes_device_per_req']:>12,.0f} {r['prefill_overhead']:>6.2f}x")
 
 

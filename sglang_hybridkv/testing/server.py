@@ -139,6 +139,15 @@ def decode_running_counts(url: str, after: int = 0) -> list[int]:
     return _decode_field(url, after, "#running-req")
 
 
+def decode_step_times(url: str, after: int = 0) -> list[tuple[int, float]]:
+    """``(running requests, seconds per decode step)`` at each logged decode step (same log settings): SGLang
+    logs the generation throughput since its previous decode log line, so one step took running / throughput
+    (a step right after a prefill batch includes that prefill)."""
+    found = re.findall(r"Decode batch.*?#running-req: (\d+).*?gen throughput \(token/s\): ([\d.]+)",
+                       server_log(url)[after:])
+    return [(int(n), int(n) / float(t)) for n, t in found if float(t) > 0]
+
+
 def _decode_field(url: str, after: int, name: str) -> list[int]:
     return [int(m) for m in re.findall(rf"Decode batch.*?{name}: (\d+)", server_log(url)[after:])]
 
