@@ -10,8 +10,8 @@ the stats every response carries in ``meta_info["hybridkv"]``:
 
 - ``sglang:hybridkv_compressed_requests_total{policy}``; ``sglang:hybridkv_uncompressed_requests_total{policy}``
   (asked for compression but stayed uncompressed: no room in the pool, or the window was not computed);
-- ``sglang:hybridkv_kv_bytes_full_total``, ``_device_total``, ``_host_total`` ``{policy}``: byte sums, so
-  ``rate(full) / rate(device)`` is the fleet's compression ratio;
+- ``sglang:hybridkv_compressed_kv_bytes_full_total``, ``_device_total``, ``_host_total`` ``{policy}``: byte
+  sums, so ``rate(full) / rate(device)`` is the fleet's compression ratio;
 - histograms ``sglang:hybridkv_compression_ratio{policy}`` (full / device bytes) and
   ``sglang:hybridkv_static_head_share{policy}`` (static KV heads / all KV heads).
 
@@ -49,9 +49,9 @@ class CompressionMetrics:
         self.compressed = counter("compressed_requests", "Requests whose KV cache was compressed after prefill.")
         self.uncompressed = counter("uncompressed_requests",
                                     "Requests that asked for compression and stayed uncompressed.")
-        self.bytes_full = counter("kv_bytes_full", "Full (uncompressed) KV bytes of the compressed requests.")
-        self.bytes_device = counter("kv_bytes_device", "Device KV bytes the compressed requests kept.")
-        self.bytes_host = counter("kv_bytes_host", "Host-tier KV bytes of the compressed requests.")
+        self.bytes_full = counter("compressed_kv_bytes_full", "Full (uncompressed) KV bytes of the compressed requests.")
+        self.bytes_device = counter("compressed_kv_bytes_device", "Device KV bytes the compressed requests kept.")
+        self.bytes_host = counter("compressed_kv_bytes_host", "Host-tier KV bytes of the compressed requests.")
         self.ratio = Histogram("sglang:hybridkv_compression_ratio", "Full / device KV bytes per compressed request.",
                                labelnames=per_policy, buckets=RATIO_BUCKETS)
         self.static_share = Histogram("sglang:hybridkv_static_head_share",
