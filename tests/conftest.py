@@ -45,3 +45,11 @@ def tiny_llama_checkpoint(tmp_path_factory):
     from sglang_hybridkv.testing.models import write_checkpoint
 
     return write_checkpoint("tiny-llama", str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_checkpoint(tmp_path_factory):
+    """A tiny random Qwen2-VL (its own vision tower and processor) with the same tokenizer."""
+    from sglang_hybridkv.testing.models import write_checkpoint
+
+    return write_checkpoint("tiny-qwen2-vl", str(tmp_path_factory.mktemp("tiny-qwen2-vl")))

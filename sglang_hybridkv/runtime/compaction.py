@@ -211,9 +211,10 @@ def _policy(cfg):
 def _plan_stats(h: RequestHandle, e: _Entry) -> dict:
     n_static = sum(int(p.static.sum()) for p in e.plans.values())
     n_heads = sum(p.static.numel() for p in e.plans.values())
-    media = 0 if h.media_mask is None else int(h.media_mask.sum())
+    media = {} if h.media is None else h.media.tokens
     return {"policy": h.config.policy, "budget": h.config.budget, "prompt_tokens": h.prompt_len,
-            "media_tokens": media, "static_heads": n_static, "dynamic_heads": n_heads - n_static,
+            "media_tokens": sum(media.values()), "image_tokens": media.get("image", 0),
+            "video_tokens": media.get("video", 0), "static_heads": n_static, "dynamic_heads": n_heads - n_static,
             "kept_digest": kept_digest(e.plans)}
 
 

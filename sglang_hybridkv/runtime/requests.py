@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ENV_VAR, ConfigError, HybridKVConfig
+from .media import PromptMedia, prompt_media
 
 
 def active_config() -> HybridKVConfig | None:
@@ -52,7 +53,8 @@ class RequestHandle:
             prompt (``HybridKVConfig.for_prompt``).
         prompt_len: prompt tokens (``origin_input_ids``); compression covers exactly these, whatever else a
             re-prefill after retraction recomputes.
-        media_mask: ``(prompt_len,)`` bool on image/video tokens; None for text-only requests.
+        media: the prompt's media span and its tokens per modality (``runtime/media.py``); None for text-only
+            requests.
         q_window: per layer ``(Hq, w, D)`` queries of the prompt's last ``w`` positions, filled chunk by chunk
             (chunked prefill) and dropped at compaction.
         q_filled: ``(w,)`` bool, window positions whose queries have been seen.
@@ -66,13 +68,18 @@ class RequestHandle:
     rid: str
     config: HybridKVConfig | None
     prompt_len: int
-    media_mask: torch.Tensor | None = None
+    media: PromptMedia | None = None
     q_window: dict[int, torch.Tensor] = field(default_factory=dict)
     q_filled: torch.Tensor | None = None
     stats: dict | None = None
     pending_unlock: bool = False
     unlocked: bool = False
     exported: dict | None = None
+
+    @property
+    def media_mask(self) -> torch.Tensor | None:
+        """``(prompt_len,)`` bool on image/video tokens; None for text-only requests."""
+        return None if self.media is None else self.media.mask
 
     @property
     def window(self) -> int:
@@ -97,19 +104,7 @@ def handle_of(req) -> RequestHandle:
             cfg = None
         prompt_len = len(req.origin_input_ids)
         handle = RequestHandle(req.rid, None if cfg is None else cfg.for_prompt(prompt_len), prompt_len,
-                               _media_mask(req))
+                               prompt_media(req))
         req.hybridkv = handle
     return handle
 
-
-def _media_mask(req) -> torch.Tensor | None:
-    """True on image/video token positions of the prompt (from the processor's offsets); None for text-only."""
-    mm = getattr(req, "multimodal_inputs", None)
-    items = getattr(mm, "mm_items", None) if mm is not None else None
-    if not items:
-        return None
-    mask = torch.zeros(len(req.origin_input_ids), dtype=torch.bool)
-    for item in items:
-        for start, end in getattr(item, "offsets", None) or []:
-            mask[int(start): int(end) + 1] = True  # offsets are inclusive
-    return mask

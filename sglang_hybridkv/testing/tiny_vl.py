@@ -1,4 +1,4 @@
-"""A tiny random-weight Qwen2.5-VL built offline, for exercising the multimodal path on CPU.
+"""Tiny random-weight Qwen2.5-VL and Qwen2-VL models built offline, for exercising the multimodal path on CPU.
 
 Qwen2.5-VL's real special-token ids are kept (151652 vision_start, 151653 vision_end, 151655 image_pad), so
 the same ids work with a tokenizer that carries Qwen2.5's vocabulary. Head size 64 needs
@@ -13,6 +13,18 @@ VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
 VOCAB = 151936
 
 
+def _text_config(num_kv_heads: int, num_heads: int, layers: int, vocab: int, bos_eos: tuple[int, int]) -> dict:
+    """The language model both Qwen-VL families share here (head size 64, M-RoPE sections [8, 12, 12])."""
+    head_dim = 64
+    return {
+        "vocab_size": vocab, "hidden_size": head_dim * num_heads, "intermediate_size": 256,
+        "num_hidden_layers": layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [8, 12, 12]},
+        "tie_word_embeddings": False, "initializer_range": 0.2, "bos_token_id": bos_eos[0], "eos_token_id": bos_eos[1],
+    }
+
+
 def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2, vocab: int = VOCAB,
                            special_ids: tuple[int, int, int, int] = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD),
                            bos_eos: tuple[int, int] = (151643, 151645)):
@@ -24,21 +36,34 @@ def tiny_qwen2_5_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: in
     start, end, image, video = special_ids
     from transformers import Qwen2_5_VLConfig
 
-    head_dim = 64
+    text = _text_config(num_kv_heads, num_heads, layers, vocab, bos_eos)
     return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": vocab, "hidden_size": head_dim * num_heads, "intermediate_size": 256,
-            "num_hidden_layers": layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
-            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                                 "mrope_section": [8, 12, 12]},
-            "tie_word_embeddings": False, "initializer_range": 0.2, "bos_token_id": bos_eos[0],
-            "eos_token_id": bos_eos[1],
-        },
+        text_config=text,
         vision_config={
-            "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size":
-            head_dim * num_heads, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "window_size": 56, "fullatt_block_indexes": [1],
+            "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+            "out_hidden_size": text["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1],
         },
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+        bos_token_id=bos_eos[0], eos_token_id=bos_eos[1], tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen2_vl_config(num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2, vocab: int = VOCAB,
+                         special_ids: tuple[int, int, int, int] = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD),
+                         bos_eos: tuple[int, int] = (151643, 151645)):
+    """Config of a tiny Qwen2-VL: the same language model, Qwen2-VL's vision tower (full attention, no window,
+    ``embed_dim``/``mlp_ratio`` instead of Qwen2.5-VL's sizes). Arguments as :func:`tiny_qwen2_5_vl_config`."""
+    start, end, image, video = special_ids
+    from transformers import Qwen2VLConfig
+
+    text = _text_config(num_kv_heads, num_heads, layers, vocab, bos_eos)
+    return Qwen2VLConfig(
+        text_config=text,
+        # SGLang's Qwen2-VL vision tower reads ``in_chans``; transformers calls it ``in_channels``.
+        vision_config={"depth": 2, "embed_dim": 64, "hidden_size": text["hidden_size"], "mlp_ratio": 2,
+                       "num_heads": 2, "in_channels": 3, "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
         image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
         bos_token_id=bos_eos[0], eos_token_id=bos_eos[1], tie_word_embeddings=False,
     )
@@ -50,6 +75,14 @@ def tiny_qwen2_5_vl(seed: int = 0, **kw):
 
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**kw)).float().eval()
+
+
+def tiny_qwen2_vl(seed: int = 0, **kw):
+    """A random-weight ``Qwen2VLForConditionalGeneration`` in float32, eval mode."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(**kw)).float().eval()
 
 
 def image_inputs(text_before: list[int], text_after: list[int], grid: tuple[int, int, int] = (1, 8, 8),
