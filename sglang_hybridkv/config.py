@@ -77,7 +77,9 @@ class HybridKVConfig:
     window: int = 16  # 8: 0.2/0.5/1.0, 16: 0.0/0.7/0.9, 32: 0.1/0.4/0.8 (its 10 caption tokens dilute the question)
     theta: float = 0.9  # 0.5 / 0.7 / 0.9 tie at 0.1 (0.7); 0.7 is one task better at 0.2: not resolved
     static_ratio: float | None = None
-    need_weight: float = 0.5  # 0.0 and 0.5: 0.7 at 0.1; 1.0 (shares by need alone): 0.2 — it starves the cue heads
+    # 0.0 and 0.5: 0.7 at 0.1 (sweep); 1.0 (shares by need alone): 0.2 — it starves the cue heads; security_log@0.05,
+    # every head static: 0.5 scored 0.67, equal shares (snapkv) 1.00 (fidelity-security_log.json of 2026-11-30).
+    need_weight: float = 0.0
     chunk_size: int = 16
     top_k_chunks: int | None = None
     retrieval_interval: int = 1

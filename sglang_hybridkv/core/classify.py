@@ -4,12 +4,18 @@ Reference rule (DESIGN.md §2): ``m_h`` is the fewest media tokens that hold ``t
 attention mass; a head is static when ``m_h`` fits in the per-head share of the budget. Two alternatives are
 kept to measure agreement: the entropy rule (effective token count ``exp(H)``) and a per-query top-k mass rule
 (every window query, not only their mean, must put ``theta`` of its media mass in the share).
+
+Whether a dynamic head pays is a second question, asked after the budget is known: :func:`static_coverage`
+and :func:`retrieval_coverage` measure how much of the window's media attention each role would keep with
+the rows it would get (``policies/hybridkv.py`` keeps a head dynamic only where retrieval keeps more).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .chunks import chunk_summaries, score_chunks, top_chunks
 from .window import group_max
 
 
@@ -75,3 +81,46 @@ def classify_static(window_probs: torch.Tensor, media_idx: torch.Tensor, num_kv_
         return -group_max(-top.amin(1), num_kv_heads) >= theta
     raise ValueError(f"classifier={method!r} is not allowed: choose one of ['mass', 'entropy', 'topk_mass']")
 
+
+
+def static_coverage(media_probs: torch.Tensor, scores: torch.Tensor, share: int, num_kv_heads: int) -> torch.Tensor:
+    """Window attention mass a head keeps as a static head with ``share`` media tokens.
+
+    Args:
+        media_probs: ``(num_q_heads, w, n_media)`` from :func:`media_mass` on the window probabilities.
+        scores: ``(num_kv_heads, n_media)`` pooled text-prior scores (what static selection ranks by).
+    Returns: ``(num_kv_heads,)`` mean over the GQA group and the window of the mass in the top-``share`` set.
+    """
+    hq, w, n = media_probs.shape
+    keep = torch.zeros(num_kv_heads, n, device=media_probs.device)
+    keep.scatter_(1, scores.topk(max(0, min(share, n)), dim=-1).indices, 1.0)
+    covered = (media_probs.reshape(num_kv_heads, hq // num_kv_heads, w, n) * keep[:, None, None]).sum(-1)
+    return covered.mean((1, 2))
+
+
+def retrieval_coverage(media_probs: torch.Tensor, queries: torch.Tensor, media_keys: torch.Tensor, top_k: int,
+                       chunk_size: int, score_scale: float) -> torch.Tensor:
+    """Window attention mass a head keeps as a dynamic head retrieving ``top_k`` chunks per query.
+
+    Each window query selects chunks exactly as decode does (:func:`core.chunks.score_chunks` on the chunk
+    summaries, max over the GQA group), so this is what retrieval would recover had the question's queries been
+    decode steps — not an oracle.
+
+    Args:
+        media_probs: ``(num_q_heads, w, n_media)`` from :func:`media_mass`.
+        queries: ``(num_q_heads, w, D)`` window queries.
+        media_keys: ``(num_kv_heads, n_media, D)`` keys of the media span (the host tier's order).
+    Returns: ``(num_kv_heads,)`` mean over the GQA group and the window.
+    """
+    hq, w, n = media_probs.shape
+    h = media_keys.shape[0]
+    g = hq // h
+    if top_k <= 0 or n == 0:
+        return torch.zeros(h, device=media_probs.device)
+    kmin, kmax = chunk_summaries(media_keys, chunk_size)
+    c = kmin.shape[1]
+    ids = top_chunks(score_chunks(queries.reshape(h, g, w, -1).permute(2, 0, 1, 3), kmin, kmax, score_scale),
+                     top_k)  # (w, h, k)
+    chunk_mass = F.pad(media_probs, (0, c * chunk_size - n)).reshape(h, g, w, c, chunk_size).sum(-1)
+    picked = chunk_mass.gather(-1, ids.permute(1, 0, 2)[:, None].expand(h, g, w, ids.shape[-1]))
+    return picked.sum(-1).mean((1, 2))

@@ -55,4 +55,4 @@ def plan_layer(policy: CompressionPolicy, q_window: torch.Tensor | None, keys: t
         if q_window is None:
             raise ValueError(f"policy {policy.name!r} scores keys with the observation window: q_window is required")
         probs = window_attention(q_window, keys, scaling)
-    return policy.plan(LayerStats(probs, media_mask, keys.shape[0], layer_idx))
+    return policy.plan(LayerStats(probs, media_mask, keys.shape[0], layer_idx, q_window, keys))

@@ -17,12 +17,17 @@ class LayerStats:
         media_mask: ``(seq_len,)`` bool, True on media tokens.
         num_kv_heads: KV heads of the layer.
         layer_idx: index of the layer (head profiles are per layer).
+        queries: ``(num_q_heads, w, head_dim)`` the window's post-RoPE queries, and
+        keys: ``(num_kv_heads, seq_len, head_dim)`` the prompt's post-RoPE keys: hybridkv scores chunks with them
+            to decide whether a dynamic head pays (None where no policy needs them).
     """
 
     window_probs: torch.Tensor | None
     media_mask: torch.Tensor
     num_kv_heads: int
     layer_idx: int = 0
+    queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
 
 @dataclass

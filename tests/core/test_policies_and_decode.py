@@ -6,10 +6,12 @@ import torch
 from sglang_hybridkv.config import HybridKVConfig
 from sglang_hybridkv.core.attention import decode_attention
 from sglang_hybridkv.core.cache import CompressedLayer
-from sglang_hybridkv.core.compress import prompt_media_mask
-from sglang_hybridkv.core.plan import LayerStats, device_rows
-from sglang_hybridkv.core.policies import POLICY_CLASSES, make_policy
+from sglang_hybridkv.core.compress import plan_layer, prompt_media_mask
+from sglang_hybridkv.core.classify import classify_static, media_mass, retrieval_coverage, static_coverage
+from sglang_hybridkv.core.plan import device_rows
+from sglang_hybridkv.core.select import always_kept
 from sglang_hybridkv.core.window import window_attention
+from sglang_hybridkv.core.policies import POLICY_CLASSES, make_policy
 
 D = 16
 
@@ -36,8 +38,7 @@ def _reference(q, k, v, seq_len):
 def _compress(policy, budget, q, k, v, seq_len, media=None, w=4, **kw):
     cfg = HybridKVConfig(policy=policy, budget=budget, window=w, **kw)
     media = prompt_media_mask(seq_len, w, None) if media is None else media
-    probs = window_attention(q[:, seq_len - w:seq_len], k[:, :seq_len], D ** -0.5)
-    plan = make_policy(cfg).plan(LayerStats(probs, media, k.shape[0]))
+    plan = plan_layer(make_policy(cfg), q[:, seq_len - w:seq_len], k[:, :seq_len], media, 0, D ** -0.5)
     return plan, CompressedLayer(plan, k[:, :seq_len], v[:, :seq_len]), cfg
 
 
@@ -149,7 +150,10 @@ def test_budget_bounds_static_heads():
     # Media unit (the paper's): 10 % of the media tokens on top of window and sink.
     n_media = seq_len - w - 4
     plan, _, cfg = _compress("snapkv", 0.1, q, k, v, seq_len, w=w, sink=4, budget_unit="media")
-    assert plan.keep_len.tolist() == [int(0.1 * n_media) + w + 4] * 4
+    # Equal shares of 0.1 * n_media * 4 rows; the rounding remainder goes to some heads, never over the total.
+    media_kept = plan.keep_len - (w + 4)
+    assert set(media_kept.tolist()) <= {int(0.1 * n_media), int(0.1 * n_media) + 1}
+    assert int(media_kept.sum()) <= 0.1 * n_media * 4
 
 
 def test_head_profile_replaces_classification(tmp_path):
@@ -178,3 +182,51 @@ def test_device_rows_counts_every_resident_row():
     assert device_rows(plan, generated=5) == device_rows(plan) + 20
     # 200 rows per head, 36 always kept: 164 - 61 summaries -> 6 chunks of 16.
     assert plan.top_k == 6 and device_rows(plan) <= 0.2 * 4 * seq_len
+
+
+def _shifting_attention(seq_len=400, w=8, h=2, group=2, chunk=16):
+    """Window query ``i`` looks sharply at media chunk ``3 i`` only: spread on average, narrow per query."""
+    g = torch.Generator().manual_seed(5)
+    k = 0.1 * torch.randn(h, seq_len, D, generator=g)
+    q = torch.zeros(h * group, w, D)
+    for i in range(w):
+        start = 4 + 3 * i * chunk  # media starts after the 4 sink tokens
+        k[:, start:start + chunk, i] = 6.0
+        q[:, i, i] = 6.0
+    return q, k
+
+
+def test_dynamic_heads_stay_dynamic_only_where_retrieval_pays():
+    seq_len, w = 400, 8
+    media = prompt_media_mask(seq_len, w, None)
+    # Attention that shifts chunk by chunk along the window: each query's chunk fits in a 2-chunk buffer, the
+    # union of 8 chunks does not fit in a static share of ~68 tokens: retrieval pays, the heads stay dynamic.
+    q, k = _shifting_attention(seq_len, w)
+    cfg = HybridKVConfig(policy="hybridkv", budget=0.2, window=w)
+    plan = plan_layer(make_policy(cfg), q, k, media, 0, D ** -0.5)
+    assert plan.num_dynamic == 2 and plan.top_k >= 1
+    # Random attention: spread on average *and* per query, so the θ rule calls every head dynamic, but two
+    # chunks per query cover less than the same rows as static tokens: every head becomes static, and the
+    # plan is the all-static ablation's.
+    qr, kr, _ = _layer(2, 2, seq_len, 0, seed=11)
+    q_win = qr[:, seq_len - w:]
+    probs = window_attention(q_win, kr, D ** -0.5)
+    assert not classify_static(probs, media.nonzero().flatten(), 2, cfg.theta, 68).any()
+    plan = plan_layer(make_policy(cfg), q_win, kr, media, 0, D ** -0.5)
+    ablation = plan_layer(make_policy(cfg.replace(policy="all_static")), q_win, kr, media, 0, D ** -0.5)
+    assert plan.num_dynamic == 0
+    assert torch.equal(plan.keep_idx, ablation.keep_idx) and torch.equal(plan.keep_len, ablation.keep_len)
+
+
+def test_coverage_of_static_and_retrieval_roles():
+    q, k = _shifting_attention()
+    media_idx = (~always_kept(prompt_media_mask(400, 8, None), sink=4, recent=0)).nonzero().flatten()
+    probs = media_mass(window_attention(q, k, D ** -0.5), media_idx)
+    # Retrieval scores chunks as decode does: one chunk per query already holds almost all of its mass.
+    got = retrieval_coverage(probs, q, k[:, media_idx], top_k=1, chunk_size=16, score_scale=0.25)
+    assert got.min() > 0.9
+    assert retrieval_coverage(probs, q, k[:, media_idx], 0, 16, 0.25).tolist() == [0.0, 0.0]
+    # Static selection of 64 tokens holds about half of the 8 chunks' mass, all 128 of them nearly everything.
+    scores = probs.reshape(2, 2, 8, -1).mean((1, 2))
+    assert 0.4 < float(static_coverage(probs, scores, 64, 2).mean()) < 0.6
+    assert static_coverage(probs, scores, 128, 2).min() > 0.9

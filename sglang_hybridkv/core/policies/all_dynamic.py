@@ -20,3 +20,7 @@ class AllDynamicPolicy(HybridKVPolicy):
         c = self.config
         return allocate(static, need, n_media, rows, c.chunk_size, c.static_ratio, c.top_k_chunks,
                         charge_summaries=c.budget_unit == "device", demote=False, need_weight=c.need_weight)
+
+    def settle(self, stats: LayerStats, budget: HeadBudget, scores: torch.Tensor, media_idx: torch.Tensor,
+               need: torch.Tensor, rows: float) -> HeadBudget:
+        return budget  # the ablation keeps every head dynamic, paying or not

@@ -1,7 +1,8 @@
 """Base class of compression policies: the shared mechanics; subclasses answer two questions.
 
-A policy decides, per layer, (1) which KV heads are static and (2) how the layer's device rows (see
-``core/budget.py``) are shared among its heads. Everything else — scoring media by the observation window, pooling, keeping text/sink/recent
+A policy decides, per layer, (1) which KV heads are static, (2) how the layer's device rows (see
+``core/budget.py``) are shared among its heads and, optionally, (3) whether the types still hold once the
+rows are known (:meth:`CompressionPolicy.settle`). Everything else — scoring media by the observation window, pooling, keeping text/sink/recent
 tokens, choosing what goes to the host tier — is the same for every policy and lives here.
 """
 
@@ -40,6 +41,11 @@ class CompressionPolicy:
         return allocate(static, need, n_media, rows, c.chunk_size, c.static_ratio, c.top_k_chunks,
                         charge_summaries=c.budget_unit == "device", need_weight=c.need_weight)
 
+    def settle(self, stats: LayerStats, budget: HeadBudget, scores: torch.Tensor, media_idx: torch.Tensor,
+               need: torch.Tensor, rows: float) -> HeadBudget:
+        """Revise head types once the budget is known (``scores``: ``(H, L)`` pooled); the default keeps it."""
+        return budget
+
     # ---- shared mechanics ---------------------------------------------------------------------------
     def plan(self, stats: LayerStats) -> LayerPlan:
         """Decide what each head of one layer keeps. See :class:`LayerPlan`."""
@@ -52,9 +58,9 @@ class CompressionPolicy:
         rows = media_rows(c.budget, c.budget_unit, keep_always.numel(), n_media, keep_always.numel() - n_media, h)
         need = concentration(probs, media_idx, h, c.theta) if n_media else torch.zeros(h, dtype=torch.long)
         static = self.head_types(stats, media_idx, need, int(rows // h)).cpu()
-        budget = self.budgets(static, need.cpu(), n_media, rows)
-        static = budget.static
         scores = pool_scores(group_mean(probs.mean(1), h), c.pool_kernel, c.pool_forward)
+        budget = self.settle(stats, self.budgets(static, need.cpu(), n_media, rows), scores, media_idx, need.cpu(), rows)
+        static = budget.static
         per_head = torch.where(static, budget.tokens, torch.zeros_like(budget.tokens))
         keep_idx, keep_len = select_tokens(scores, keep_always, per_head)
         host_idx = media_idx if bool((~static).any()) else media_idx[:0]

@@ -1,14 +1,15 @@
-"""SnapKV: every head keeps the same number of media tokens, chosen by pooled observation-window attention.
+"""SnapKV: every head keeps an equal share of media tokens, chosen by pooled observation-window attention.
 
-Budget unit and always-kept text are the same as HybridKV's, so the comparison isolates HybridKV's two
-additions: need-weighted allocation and chunk retrieval for dynamic heads.
+Budget unit, always-kept text, scoring and allocation code are HybridKV's (every head static, equal shares:
+``need_weight`` 0), so the comparison isolates HybridKV's two additions: need-weighted allocation and chunk
+retrieval for dynamic heads.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..budget import HeadBudget
+from ..budget import HeadBudget, allocate
 from ..plan import LayerStats
 from .base import CompressionPolicy
 
@@ -20,5 +21,4 @@ class SnapKVPolicy(CompressionPolicy):
         return torch.ones(stats.num_kv_heads, dtype=torch.bool)
 
     def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int, rows: float) -> HeadBudget:
-        share = min(n_media, int(rows // max(1, static.numel())))
-        return HeadBudget(static.clone(), torch.full_like(need, share), 0)
+        return allocate(static, need, n_media, rows, self.config.chunk_size, need_weight=0.0)
