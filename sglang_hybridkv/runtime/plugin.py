@@ -21,6 +21,7 @@ import sys
 from ..config import ENV_VAR, FIELDS, ConfigError, HybridKVConfig
 from .requests import active_config, request_config
 from .targets import IncompatibleSGLang, check_targets
+from .video_items import split_videos
 
 logger = logging.getLogger("sglang_hybridkv")
 
@@ -55,6 +56,9 @@ def register() -> None:
                           _validate_request, HookType.BEFORE)
     HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager._wait_one_response",
                           _one_stats_dict, HookType.AROUND)
+    # The multimodal processor runs where the tokenizer manager does (the launcher, before flags are parsed):
+    # registered always, active only with --kv-compression (video_items.split_videos checks).
+    HookRegistry.register("sglang.srt.managers.mm_utils.get_new_expanded_mm_items", split_videos, HookType.AROUND)
     _let_engine_take_flags()
     config = HybridKVConfig.from_env()
     if config is not None and config.enabled:

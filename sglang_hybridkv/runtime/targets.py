@@ -44,7 +44,11 @@ TARGETS: dict[str, str] = {
         "AFTER: --enable-metrics, export compression metrics (runtime/metrics.py)",
     "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter":
         "used: current_scheduler_metrics_enabled and the scheduler's metric labels",
-    # tokenizer manager: per-request validation and meta_info
+    # tokenizer manager: per-request validation and meta_info; one multimodal item per Qwen-VL video
+    "sglang.srt.managers.mm_utils.get_new_expanded_mm_items": "AROUND: split bundled videos (runtime/video_items.py)",
+    "sglang.srt.managers.mm_utils._slice_model_data": "used: per-video slices of an item's model data",
+    "sglang.srt.managers.mm_utils._slice_value": "used: per-video slices of an item's pixel rows",
+    "sglang.srt.managers.mm_utils._get_length": "used: lengths of an item's features and grids",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request": "BEFORE: validate overrides",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._wait_one_response":
         "AROUND: meta_info['hybridkv'] is one dict, not a list (streamed chunks included)",

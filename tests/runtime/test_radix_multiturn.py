@@ -94,12 +94,17 @@ def test_eviction_under_a_small_pool(radix_server):
 
 
 def test_multi_turn_video_example(tmp_path):
+    """The growing-video agent: turn 1 one clip, turn 2 a second clip, turn 3 no new footage (budget 0.1)."""
     from examples.multi_turn_video_qa import main
 
-    report = main(["--turns", "3", "--frames", "6", "--max-new-tokens", "6", "--json", str(tmp_path / "out.json")])
+    report = main(["--turns", "3", "--frames", "24", "--max-new-tokens", "6", "--json", str(tmp_path / "out.json")])
     turns = json.loads((tmp_path / "out.json").read_text())["turns"]
     assert turns == json.loads(json.dumps(report["turns"]))
-    assert all(t["media_tokens"] == 6 * 64 for t in turns)
-    for t in turns[1:]:
-        assert t["cached_tokens"] >= 0.9 * t["media_tokens"]
-        assert t["kv_bytes_device"] < t["kv_bytes_full"]
+    assert [t["new_clip"] for t in turns] == [True, True, False]
+    clip = turns[0]["video_tokens"]
+    assert clip > 0 and turns[1]["video_tokens"] == turns[2]["video_tokens"] == 2 * clip
+    for prev, t in zip(turns, turns[1:]):  # the radix cache serves the earlier turns, videos included
+        assert t["cached_tokens"] >= 0.9 * prev["prompt_tokens"]
+    for t in turns:  # each turn's request, new footage included, compressed to the budget
+        assert t["media_tokens"] == t["video_tokens"]
+        assert t["kv_bytes_full"] >= 5 * t["kv_bytes_device"]

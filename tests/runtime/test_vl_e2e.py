@@ -171,3 +171,18 @@ def test_sgl_video_frontend_program(hkv_vl, clip):
     raw = post(hkv_vl + "/generate", {"text": prompt, "video_data": [video_data_url(clip)], "sampling_params": GEN})
     assert meta["prompt_tokens"] == raw["meta_info"]["prompt_tokens"]
     assert state["answer"] == raw["text"]
+
+
+def test_second_video_keeps_the_first_one_cached(none_vl, hkv_vl, clip, tmp_path):
+    """A turn that adds a clip: each video is its own multimodal item (runtime/video_items.py), so the radix cache
+    serves the earlier turn, the first video included; the split changes no token (budget 1.0 = uncompressed)."""
+    more = video_data_url(write_clip(str(tmp_path / "more.mp4"), CLIP_FRAMES, first=CLIP_FRAMES))
+    first = post(hkv_vl + "/generate", _video_request(clip))["meta_info"]
+    both = dict(_video_request(clip, custom_params={"hybridkv": {"budget": 1.0}}),
+                text=vl_prompt(QUESTION, videos=2), video_data=[video_data_url(clip), more])
+    out = post(hkv_vl + "/generate", both)
+    ref = post(none_vl + "/generate", dict(both, sampling_params=GEN))
+    assert out["output_ids"] == ref["output_ids"]
+    assert out["meta_info"]["video_tokens"] == ref["meta_info"]["video_tokens"] == 2 * first["video_tokens"]
+    # Everything before the second video comes from the cache (the first prompt's last tokens differ).
+    assert out["meta_info"]["cached_tokens"] >= first["prompt_tokens"] - len(QUESTION)
