@@ -49,6 +49,7 @@ TASK_SETS = {
 }
 # One knob at a time around the defaults; each list holds the default too.
 SWEEP = {
+    "prior": ["layer", "late"],
     "window": [8, 16, 32],
     "pool_kernel": [1, 7, 15],
     "pool_forward": [0, 4, 8, 16],

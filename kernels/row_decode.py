@@ -65,10 +65,10 @@ if triton is not None:
 
     @triton.jit
     def _row_split_kernel(Q, K, V, Idx, Valid, OutAcc, OutLse, scale, W, cols_per_split,
-                          GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr):
+                          GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
         seq = tl.program_id(0)
         split = tl.program_id(1)
+        num_splits = tl.num_programs(1)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         j = tl.arange(0, BLOCK)
@@ -95,25 +95,24 @@ if triton is not None:
             l = l * alpha + tl.sum(pr, 1)
             acc = acc * alpha[:, None] + tl.dot(pr, v)
             m = m_new
-        base = seq * NUM_SPLITS + split
+        base = seq * num_splits + split
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(OutAcc + (base * GROUP + g[:, None]) * D + d[None, :], out, mask=g_ok[:, None])
         lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
         tl.store(OutLse + base * GROUP + g, lse, mask=g_ok)
 
     @triton.jit
-    def _merge_splits_kernel(Acc, Lse, Out, GROUP: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                             S_PAD: tl.constexpr):
+    def _merge_splits_kernel(Acc, Lse, Out, num_splits, GROUP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
         seq = tl.program_id(0)
         g = tl.program_id(1)
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D)
-        s_ok = s < NUM_SPLITS
-        lse = tl.load(Lse + (seq * NUM_SPLITS + s) * GROUP + g, mask=s_ok, other=float("-inf"))
+        s_ok = s < num_splits
+        lse = tl.load(Lse + (seq * num_splits + s) * GROUP + g, mask=s_ok, other=float("-inf"))
         m = tl.max(lse, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - m_safe), 0.0)
-        acc = tl.load(Acc + ((seq * NUM_SPLITS + s[:, None]) * GROUP + g) * D + d[None, :], mask=s_ok[:, None],
+        acc = tl.load(Acc + ((seq * num_splits + s[:, None]) * GROUP + g) * D + d[None, :], mask=s_ok[:, None],
                       other=0.0)
         total = tl.sum(w, 0)
         out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
@@ -132,7 +131,8 @@ def _row_decode_triton(q, k_rows, v_rows, idx, valid, scale, block: int = 32, co
     acc = torch.empty(n, splits, g, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, splits, g, dtype=torch.float32, device=q.device)
     _row_split_kernel[(n, splits)](q.contiguous(), k_rows, v_rows, idx.contiguous(), valid.contiguous(), acc, lse,
-                                   scale, w, cols_per_split, GROUP=g, G_PAD=next_pow2(g, 16), D=d, BLOCK=block,
-                                   NUM_SPLITS=splits)
-    _merge_splits_kernel[(n, g)](acc, lse, out, GROUP=g, D=d, NUM_SPLITS=splits, S_PAD=next_pow2(splits))
+                                   scale, w, cols_per_split, GROUP=g, G_PAD=next_pow2(g, 16), D=d, BLOCK=block)
+    # The split count is a runtime argument (only its power-of-two padding is compiled in), so a growing
+    # sequence does not recompile the kernels every cols_per_split tokens.
+    _merge_splits_kernel[(n, g)](acc, lse, out, splits, GROUP=g, D=d, S_PAD=next_pow2(splits))
     return out

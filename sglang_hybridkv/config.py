@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 POLICIES = ("none", "full", "snapkv", "hybridkv", "all_static", "all_dynamic")
 CLASSIFIERS = ("mass", "entropy", "topk_mass")
+PRIORS = ("layer", "late")
 BUDGET_UNITS = ("device", "media")
 ENV_VAR = "SGLANG_HYBRIDKV_CONFIG"
 # Knobs a single request may change; the rest shape server-wide memory and stay fixed.
@@ -61,6 +62,10 @@ class HybridKVConfig:
         pool_forward: forward reach of text-prior scores: a token scores at least the best of the
             ``pool_forward`` tokens before it, so what follows a cue the question names is kept with it
             (0 disables; see ``core/select.py``).
+        prior: what static heads rank media tokens by. "layer": each layer's own window attention (SnapKV's
+            rule, per head); "late": one score per token for every static head of every layer, the max over the
+            upper half of the layers of their window attention (each head's pooled scores normalised to sum 1), so the
+            early layers keep what the later ones find (``core/compress.py``). SnapKV always uses "layer".
         classifier: how heads are classified: "mass" (θ-mass token count vs. budget share, the reference),
             "entropy" or "topk_mass" (alternatives kept for the agreement study).
         head_profile: optional path of a JSON per-model head profile that replaces per-request
@@ -88,12 +93,19 @@ class HybridKVConfig:
     recent: int = 0
     pool_kernel: int = 7  # 1 / 3 / 7 / 15 tie at 0.1 and 0.2 (0.7 / 0.9)
     pool_forward: int = 8  # 0: 0.4/0.7, 4: 0.5/0.9, 8: 0.7/0.9, 16: 0.2/0.9 at 0.1/0.2
+    # late (max over the upper half's layers) vs layer (own layer, SnapKV's rule), hybridkv, 16 captioned-video
+    # tasks (2 per cell, SmolLM2) at 0.05 / 0.1 / 0.2: 0.38 / 1.00 / 1.00 vs 0.12 / 0.75 / 0.88 (the mean over those
+    # layers: 0.31 / 0.94 / 1.00); 20 tasks (4 per cell, 48 frames): max 0.05 / 1.00 / 1.00, mean 0.05 / 0.95 / 1.00;
+    # security log, 20 tasks: 1.00 everywhere with either. "mix" (own + prior) 0.25 / 0.88 / 1.00. Quickstart's
+    # 8 questions at 0.1 on the server: max 7/8, mean 5/8, layer 3/8 (full 5/8). README "Fidelity" has the tables.
+    prior: str = "late"
     classifier: str = "mass"  # mass / entropy / topk_mass tie at 0.1 (0.7)
     head_profile: str | None = None
 
     def __post_init__(self) -> None:
         _choice("policy", self.policy, POLICIES)
         _choice("classifier", self.classifier, CLASSIFIERS)
+        _choice("prior", self.prior, PRIORS)
         _choice("budget_unit", self.budget_unit, BUDGET_UNITS)
         _number("budget", self.budget, float, lo=0.0, hi=1.0, lo_open=True)
         if self.budget_tokens is not None:
@@ -224,7 +236,7 @@ def _optional_float(s: str) -> float | None:
 _CLI_TYPES = {
     "budget": float, "budget_tokens": int, "budget_unit": str, "window": int, "theta": float, "static_ratio": _optional_float, "need_weight": float, "chunk_size": int,
     "top_k_chunks": _optional_int, "retrieval_interval": int, "chunk_score_scale": float, "sink": int, "recent": int,
-    "pool_kernel": int, "pool_forward": int, "classifier": str, "head_profile": str,
+    "pool_kernel": int, "pool_forward": int, "prior": str, "classifier": str, "head_profile": str,
 }
 
 

@@ -53,3 +53,11 @@ def tiny_qwen2_vl_checkpoint(tmp_path_factory):
     from sglang_hybridkv.testing.models import write_checkpoint
 
     return write_checkpoint("tiny-qwen2-vl", str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_ov_checkpoint(tmp_path_factory):
+    """A tiny random LLaVA-OneVision (``LlavaQwenForCausalLM``, SigLIP tower in a subdirectory), same tokenizer."""
+    from sglang_hybridkv.testing.models import write_checkpoint
+
+    return write_checkpoint("tiny-llava-ov", str(tmp_path_factory.mktemp("tiny-llava-ov")))

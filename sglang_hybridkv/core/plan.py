@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .shard import HeadShard
+
 
 @dataclass
 class LayerStats:
@@ -15,11 +17,15 @@ class LayerStats:
     Attributes:
         window_probs: ``(num_q_heads, w, seq_len)`` observation-window attention (None for the full policy).
         media_mask: ``(seq_len,)`` bool, True on media tokens.
-        num_kv_heads: KV heads of the layer.
+        num_kv_heads: KV heads of the layer on this rank (all of them without tensor parallelism).
         layer_idx: index of the layer (head profiles are per layer).
         queries: ``(num_q_heads, w, head_dim)`` the window's post-RoPE queries, and
         keys: ``(num_kv_heads, seq_len, head_dim)`` the prompt's post-RoPE keys: hybridkv scores chunks with them
             to decide whether a dynamic head pays (None where no policy needs them).
+        shard: under tensor parallelism, which of the layer's heads these are and how to gather the other
+            ranks' per-head figures (``core/shard.py``); None on one rank. The plan covers this rank's heads.
+        prior: ``(seq_len,)`` the score static heads rank tokens by when the policy uses a cross-layer prior
+            (:func:`core.compress.cross_layer_prior`); None: each head's own pooled window attention.
     """
 
     window_probs: torch.Tensor | None
@@ -28,6 +34,13 @@ class LayerStats:
     layer_idx: int = 0
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    shard: HeadShard | None = None
+    prior: torch.Tensor | None = None
+
+    @property
+    def all_kv_heads(self) -> int:
+        """KV heads of the layer over all ranks (what the budget is split over)."""
+        return self.num_kv_heads * (1 if self.shard is None else self.shard.size)
 
 
 @dataclass

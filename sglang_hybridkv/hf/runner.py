@@ -23,7 +23,7 @@ import torch
 from ..config import HybridKVConfig
 from ..core.attention import decode_attention
 from ..core.cache import CompressedLayer, KVBytes
-from ..core.compress import plan_layer, prompt_media_mask
+from ..core.compress import cross_layer_prior, layer_prior, plan_layer, prompt_media_mask
 from ..core.plan import LayerPlan
 from ..core.policies import make_policy
 from . import attention_hook
@@ -173,9 +173,13 @@ class HybridKVRunner:
         w = min(config.window, seq_len)
         mask = prompt_media_mask(seq_len, w, state.media_mask)
         layers, plans = {}, {}
+        prior = None
+        if policy.uses_prior():
+            prior = cross_layer_prior({idx: layer_prior(policy, state.q_window[idx][:, -w:], state.keys[idx],
+                                                        state.scaling[idx]) for idx in state.keys}, len(state.keys))
         for idx in sorted(state.keys):
             k, v = state.keys[idx], state.values[idx]
-            plan = plan_layer(policy, state.q_window[idx][:, -w:], k, mask, idx, state.scaling[idx])
+            plan = plan_layer(policy, state.q_window[idx][:, -w:], k, mask, idx, state.scaling[idx], prior=prior)
             plans[idx] = plan
             layers[idx] = CompressedLayer(plan, k, v)
         return CompressedCache(config, layers, plans, state.next_position.clone(), 0, time.perf_counter() - t0)

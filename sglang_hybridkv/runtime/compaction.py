@@ -12,9 +12,19 @@ in later chunks through the backend's decode plan (``backend.forward_extend``).
 Per layer, right after the stock extend attention, :meth:`CompactionBatch.after_layer` plans with
 ``core.compress`` (the same step the HF reference path runs) and keeps a compact copy; after the last
 layer :meth:`CompactionBatch.commit` allocates the region's pool slots and host pages, writes them and
-registers the region. With the radix cache off the prompt's staging slots are freed first; with it on, the
+registers the region. A policy that ranks by the cross-layer prior (hybridkv's default) needs every layer
+before it can plan one: ``after_layer`` then computes the layer's share of the prior, and ``commit`` plans
+every layer from the pool (the prompt's KV is still there) once the prior is known. The prior is kept on the
+handle, so a re-prefill after retraction plans layer by layer again and replays its outputs in place. With the radix cache off the prompt's staging slots are freed first; with it on, the
 tree takes them over after this batch and the scheduler hooks drop the request's lock
 (``handle.pending_unlock``).
+
+Tensor parallelism: each rank holds a slice of every layer's KV heads (``layer.tp_k_head_num``) and compacts
+its own. Ranks agree through SGLang's TP group (gloo CPU group, small tensors, once per layer and request):
+the policies gather the per-head figures the budget allocation needs (``core/shard.py``), so head types and
+budgets are the one-rank ones; at commit the ranks take the largest slot count any of them needs (SGLang's
+scheduler runs on every rank with one slot pool per rank, and their allocations must stay identical), and the
+stats are summed over ranks (only rank 0's output reaches the tokenizer manager).
 """
 
 from __future__ import annotations
@@ -28,10 +38,11 @@ import torch
 
 from ..core.attention import decode_attention
 from ..core.cache import CompressedLayer, KVBytes
-from ..core.compress import plan_layer, prompt_media_mask
+from ..core.compress import cross_layer_prior, layer_prior, plan_layer, prompt_media_mask
 from ..core.digest import kept_digest
 from ..core.plan import LayerPlan
 from ..core.policies import make_policy
+from ..core.shard import HeadShard
 from . import pool_region
 from .host_tier import HostTier
 from .regions import Region, Regions
@@ -52,6 +63,8 @@ class _Entry:
     finishing: bool
     layers: dict[int, CompressedLayer] = field(default_factory=dict)
     plans: dict[int, LayerPlan] = field(default_factory=dict)
+    priors: dict[int, torch.Tensor] = field(default_factory=dict)  # per layer, until commit plans them all
+    scaling: dict[int, float] = field(default_factory=dict)
 
 
 class CompactionBatch:
@@ -121,12 +134,12 @@ class CompactionBatch:
                 continue
             slots = req_to_token[e.row, : h.prompt_len].long()
             keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
-            values = v_cache[slots].transpose(0, 1)
             policy = _policy(h.config)
-            mask = prompt_media_mask(h.prompt_len, w, h.media_mask)
-            plan = plan_layer(policy, h.q_window.get(lid), keys, mask, lid, layer.scaling)
-            e.plans[lid] = plan
-            cl = e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
+            if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
+                e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, tp_shard())
+                e.scaling[lid] = layer.scaling
+                continue
+            cl = self._plan(e, lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)
             if e.pos_end > h.prompt_len:  # outputs re-prefilled after a retraction
                 first = e.q_start + h.prompt_len - e.pos_start
                 last = e.q_start + e.pos_end - e.pos_start
@@ -137,11 +150,27 @@ class CompactionBatch:
                     replay, q_all[first:last], k_cache[out_slots], v_cache[out_slots], layer.scaling,
                     h.config.retrieval_interval, h.config.chunk_score_scale).to(o.dtype)
 
+    def _plan(self, e: _Entry, lid: int, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> CompressedLayer:
+        """Plan layer ``lid`` of ``e`` (``(H, L, D)`` prompt KV) and keep its compact copy."""
+        h = e.handle
+        mask = prompt_media_mask(h.prompt_len, h.window, h.media_mask)
+        plan = plan_layer(_policy(h.config), h.q_window.get(lid), keys, mask, lid, scaling, tp_shard(), h.prior)
+        e.plans[lid] = plan
+        e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
+        return e.layers[lid]
+
     # ---- after the last layer -----------------------------------------------------------------------
     def commit(self, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier) -> None:
         """Move each finishing request's compressed prompt into the pool."""
+        shard = tp_shard()
         for e in self.finishing:
             h = e.handle
+            if e.priors and len(e.priors) == kv_pool.layer_num:  # every layer seen: the prior, then the plans
+                h.prior = cross_layer_prior(e.priors, kv_pool.layer_num)
+                slots = req_to_token_pool.req_to_token[e.row, : h.prompt_len].long()
+                for lid in sorted(e.priors):
+                    k_buf, v_buf = kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid)
+                    self._plan(e, lid, k_buf[slots].transpose(0, 1), v_buf[slots].transpose(0, 1), e.scaling[lid])
             h.q_window, h.q_filled = {}, None
             if len(e.layers) != kv_pool.layer_num:
                 logger.warning("hybridkv: request %s stays uncompressed: its observation window was not fully "
@@ -149,12 +178,14 @@ class CompactionBatch:
                 h.stats = {"policy": h.config.policy, "compressed": False, "prompt_tokens": h.prompt_len}
                 continue
             n_slots = pool_region.slots_needed(e.layers)
+            if shard is not None:  # one slot count on every rank: the most any rank's heads need
+                n_slots = int(shard.gather(torch.tensor([n_slots], dtype=torch.int64)).max())
             staging = req_to_token_pool.req_to_token[e.row, : h.prompt_len].clone()
             slots = self._take_slots(allocator, req_to_token_pool, e, staging, n_slots)
             if slots is None:
                 logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed "
                                "form, even after evicting radix-cache entries (budget %.2f)", h.rid, h.config.budget)
-                h.stats = {**_plan_stats(h, e), "compressed": False}
+                h.stats = {**_plan_stats(h, e, shard), "compressed": False}
                 continue
             pages = host.alloc(pool_region.host_pages_needed(e.layers))
             tables = pool_region.layout(e.layers, slots, pages)
@@ -165,7 +196,7 @@ class CompactionBatch:
             region = Region(h.rid, h.prompt_len, e.pos_end, h.config.retrieval_interval, slots, pages, 0 if self.radix else h.prompt_len,
                             tables, int(pages.numel()) * host.page_bytes)
             regions.add(e.row, region)
-            h.stats = _stats(h, e, region, kv_pool)
+            h.stats = _stats(h, e, region, kv_pool, shard, host.on_device)
             h.pending_unlock = self.radix
             s = h.stats
             logger.info("hybridkv: compressed request %s (%d prompt tokens, %s @ %.2f): %d static / %d dynamic heads, "
@@ -208,18 +239,24 @@ def _policy(cfg):
     return make_policy(cfg)
 
 
-def _plan_stats(h: RequestHandle, e: _Entry) -> dict:
+def _plan_stats(h: RequestHandle, e: _Entry, shard: HeadShard | None, local: dict | None = None) -> dict:
+    """Stats of a planned request; ``local`` holds further per-rank figures. Whole-model figures: counts and
+    bytes are summed over the TP ranks, the digest is over every rank's heads (collectives under TP)."""
     n_static = sum(int(p.static.sum()) for p in e.plans.values())
     n_heads = sum(p.static.numel() for p in e.plans.values())
+    summed = _sum_over_ranks(shard, {"static_heads": n_static, "dynamic_heads": n_heads - n_static, **(local or {})})
     media = {} if h.media is None else h.media.tokens
     return {"policy": h.config.policy, "budget": h.config.budget, "prompt_tokens": h.prompt_len,
             "media_tokens": sum(media.values()), "image_tokens": media.get("image", 0),
-            "video_tokens": media.get("video", 0), "static_heads": n_static, "dynamic_heads": n_heads - n_static,
-            "kept_digest": kept_digest(e.plans)}
+            "video_tokens": media.get("video", 0), **summed, "tp_size": 1 if shard is None else shard.size,
+            "kept_digest": kept_digest(e.plans, None if shard is None else shard.gather)}
 
 
-def _stats(h: RequestHandle, e: _Entry, region: Region, kv_pool) -> dict:
-    """Stats of a compacted request: every byte of the slots it holds counts as device KV."""
+def _stats(h: RequestHandle, e: _Entry, region: Region, kv_pool, shard: HeadShard | None,
+           host_on_device: bool) -> dict:
+    """Stats of a compacted request: every byte of the slots it holds counts as device KV, and its host-tier
+    pages too when the tier had to live on the device. Under TP the slots are the same on every rank
+    (``kv_slots_device``) and the bytes are every rank's together."""
     logical = KVBytes()
     for cl in e.layers.values():
         logical = logical + cl.nbytes()
@@ -228,6 +265,44 @@ def _stats(h: RequestHandle, e: _Entry, region: Region, kv_pool) -> dict:
     tables = region.tables
     table_bytes = 4 * (tables.kept_len.sum().item() + tables.n_chunks.sum().item())  # int32 row ids per step
     device = int(region.slots.numel()) * slot_bytes
-    return {**_plan_stats(h, e), "compressed": True, "kv_slots_device": int(region.slots.numel()),
-            "kv_bytes_full": logical.full, "kv_bytes_device": device + int(table_bytes),
-            "kv_bytes_host": region.host_bytes, "kv_bytes_metadata": int(table_bytes)}
+    tier_device, tier_host = (region.host_bytes, 0) if host_on_device else (0, region.host_bytes)
+    local = {"kv_bytes_full": logical.full, "kv_bytes_device": device + tier_device + int(table_bytes),
+             "kv_bytes_host": tier_host, "kv_bytes_metadata": int(table_bytes)}
+    return {**_plan_stats(h, e, shard, local), "compressed": True, "kv_slots_device": int(region.slots.numel())}
+
+
+def _sum_over_ranks(shard: HeadShard | None, figures: dict) -> dict:
+    """``figures`` (ints) summed over the TP ranks, in one collective; unchanged on one rank."""
+    if shard is None:
+        return {k: int(v) for k, v in figures.items()}
+    every = shard.gather(torch.tensor([[float(v) for v in figures.values()]], dtype=torch.float64))
+    return {k: int(round(float(x))) for k, x in zip(figures, every.sum(0))}
+
+
+_TP_SHARD: list = []  # cached once SGLang's TP group exists
+
+
+def tp_shard() -> HeadShard | None:
+    """This rank's :class:`HeadShard` in SGLang's TP group (gathers over its gloo CPU group); None on one rank
+    or outside an SGLang scheduler (no TP group)."""
+    if _TP_SHARD:
+        return _TP_SHARD[0]
+    from sglang.srt.distributed.parallel_state import get_tp_group
+
+    try:
+        group = get_tp_group()
+    except AssertionError:  # not initialised: not inside a scheduler process
+        return None
+    shard = None
+    if group.world_size > 1:
+        cpu_group, n = group.cpu_group, group.world_size
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().to("cpu").contiguous()
+            out = [torch.empty_like(t) for _ in range(n)]
+            torch.distributed.all_gather(out, t, group=cpu_group)
+            return torch.cat(out)
+
+        shard = HeadShard(group.rank_in_group, n, gather)
+    _TP_SHARD.append(shard)
+    return shard

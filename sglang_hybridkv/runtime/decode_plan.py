@@ -13,7 +13,7 @@ GQA group as query heads (``N = B * H``). Each sequence's rows of the pool view 
 
 Host work (``.tolist()``, region look-ups, padding) happens in :meth:`DecodePlan.build`. The per-layer path
 (:meth:`DecodePlan.attend`) is fixed-shape tensor work only: batched chunk scoring and top-k, one
-gather/scatter from the host tier into the buffers, one ``row_decode`` call. The plan's kept/buffer tables
+copy of the selected rows from the host tier into the buffers (``copy_rows``), one ``row_decode`` call. The plan's kept/buffer tables
 depend only on which requests are in the batch; :class:`DecodePlanner` reuses them while the batch
 composition and the set of regions are unchanged, so a steady decode step only rebuilds the tail block.
 """
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.chunk_select import score_chunks_rows, select_chunks
+from ..kernels.row_copy import copy_rows
 from ..kernels.row_decode import row_decode
 from .host_tier import HostTier
 from .regions import Regions
@@ -44,6 +45,11 @@ class _Tables:
     n_host: torch.Tensor  # (L, N)
     buf_rows: torch.Tensor  # (L, N, R)
     buf_len: torch.Tensor  # (L, N)
+    # The buffer rows as one flat list per layer, (L, M) with M = max over layers of sum(buf_len): which
+    # sequence and column each is, and whether it is real (layers with fewer rows are padded).
+    buf_seq: torch.Tensor
+    buf_col: torch.Tensor
+    buf_live: torch.Tensor
     top_k: torch.Tensor  # (L, N)
     k_max: int
     tail_start: torch.Tensor  # (B,) first position read through req_to_token
@@ -95,20 +101,22 @@ class DecodePlan:
         ids = torch.where(ok, ids, big).sort(dim=1).values
         ok = ids < big
         ids = ids.clamp(max=max(big - 1, 0))
-        offs = torch.arange(c, device=ids.device)
-        tok = (ids[..., None] * c + offs).flatten(1)  # (N, k_max * c) positions in the head's host span
-        pages = t.host_pages[layer_id].gather(1, ids)
-        src = (pages[..., None] * c + offs).flatten(1)
-        r = t.buf_rows.shape[-1]
-        tok_ok = (ok[..., None].expand(-1, -1, c).flatten(1) & (tok < t.n_host[layer_id][:, None]))[:, :r]
-        write = self.refresh[:, None] & (torch.arange(r, device=ids.device)[None] < t.buf_len[layer_id][:, None])
-        # Rows not written this step go to the pool's padding row 0 (never read as valid).
-        dst = torch.where(write, t.buf_rows[layer_id], 0).flatten()
-        src = torch.where(write & tok_ok, src[:, :r], 0).flatten()
-        k_rows.index_copy_(0, dst, host.k[layer_id].view(-1, k_rows.shape[1])[src].to(k_rows.dtype))
-        v_rows.index_copy_(0, dst, host.v[layer_id].view(-1, v_rows.shape[1])[src].to(v_rows.dtype))
-        row_valid.index_copy_(0, dst, (tok_ok & write).flatten())
-        row_valid[0] = False
+        # One entry per real buffer row (not per padded (sequence, column)): static heads and uncompressed
+        # requests copy nothing, and no two entries write the same pool row.
+        seq, col = t.buf_seq[layer_id], t.buf_col[layer_id]
+        slot, off = col // c, col % c
+        chunk_id = ids[seq, slot]
+        tok_ok = ok[seq, slot] & (chunk_id * c + off < t.n_host[layer_id][seq])
+        src = t.host_pages[layer_id][seq, chunk_id] * c + off
+        write = t.buf_live[layer_id] & self.refresh[seq]
+        # Entries not written this step (padding, sequences between refreshes) go to the pool's padding row 0.
+        dst = torch.where(write, t.buf_rows[layer_id][seq, col], 0)
+        src = torch.where(write & tok_ok, src, 0)
+        d = k_rows.shape[1]
+        copy_rows(host.k[layer_id].view(-1, d), src, k_rows, dst)
+        copy_rows(host.v[layer_id].view(-1, d), src, v_rows, dst)
+        row_valid.index_copy_(0, dst, tok_ok & write)
+        row_valid[:1].fill_(False)  # an in-place fill, not a host->device copy: CUDA-graph capturable
 
 
 class DecodePlanner:
@@ -165,15 +173,33 @@ class DecodePlanner:
 
         kept_len = stack("kept_len", None)
         top_k = stack("top_k", None)
+        buf_len = stack("buf_len", None).cpu()
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+        buf_seq, buf_col, buf_live = self._flat_buffers(buf_len)
         return _Tables(
             key=key,
             kept_rows=stack("kept_rows", p),
             kept_valid=torch.arange(p, device=dev)[None, None] < kept_len[..., None],
             sum_rows=stack("sum_rows", c), n_chunks=stack("n_chunks", None), host_pages=stack("host_pages", c),
-            n_host=stack("n_host", None), buf_rows=stack("buf_rows", r), buf_len=stack("buf_len", None),
+            n_host=stack("n_host", None), buf_rows=stack("buf_rows", r), buf_len=buf_len.to(dev),
+            buf_seq=buf_seq.to(dev), buf_col=buf_col.to(dev), buf_live=buf_live.to(dev),
             top_k=top_k, k_max=int(top_k.max()) if top_k.numel() else 0,
             tail_start=as_t([0 if g is None else g.prompt_len for g in regions]),
             decode_start=as_t([0 if g is None else g.decode_start for g in regions]),
             interval=as_t([1 if g is None else g.retrieval_interval for g in regions]),
         )
+
+    @staticmethod
+    def _flat_buffers(buf_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L, N)`` buffer lengths -> per layer, the (sequence, column) of every buffer row, padded to M."""
+        per_layer = buf_len.sum(1)
+        m = int(per_layer.max()) if buf_len.numel() else 0
+        seq = torch.zeros(buf_len.shape[0], m, dtype=torch.long)
+        col = torch.zeros_like(seq)
+        for l in range(buf_len.shape[0]):
+            n = int(per_layer[l])
+            s_l = torch.repeat_interleave(torch.arange(buf_len.shape[1]), buf_len[l])
+            starts = torch.cumsum(buf_len[l], 0) - buf_len[l]
+            seq[l, :n], col[l, :n] = s_l, torch.arange(n) - starts[s_l]
+        live = torch.arange(m)[None] < per_layer[:, None]
+        return seq, col, live

@@ -4,16 +4,24 @@ Page ``p`` of layer ``l`` holds ``chunk`` consecutive media tokens of one dynami
 ``v[l][p]``); a request takes the same page ids in every layer (``pool_region.host_pages_needed``). One flat
 tensor per layer lets a decode step fetch the selected chunks of every request of the batch with one gather.
 
-On a CPU server the tier is ordinary RAM. On a GPU server it is allocated on the device (selected chunks are
-then copied device-to-device into the retrieval buffers, which a CUDA graph can capture); its bytes are then
-reported as device bytes, never hidden.
+The tier lives in host RAM. On a GPU server it is pinned, and each decode step's selected chunks are read in
+place by one kernel (``kernels/row_copy.py``, unified virtual addressing: no host sync, CUDA-graph capturable),
+so dynamic heads hold only their text, window and retrieval buffer in device memory. Where the device cannot
+read pinned pages (the start-up probe fails), the tier is allocated on the device instead, with a warning, and
+its bytes are reported as device bytes (``on_device``), never hidden.
 
 Capacity grows on demand (doubling); pages are freed exactly once when the owning request's row is freed.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from ..kernels.row_copy import pinned_reads_supported
+
+logger = logging.getLogger(__name__)
 
 
 class HostTier:
@@ -21,8 +29,15 @@ class HostTier:
 
     def __init__(self, num_layers: int, page: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", initial_pages: int = 256) -> None:
+        """``device``: where decode runs (the pool's device); the pages' own location follows from it."""
         self.num_layers, self.page, self.head_dim, self.dtype = num_layers, page, head_dim, dtype
-        self.device = torch.device(device)
+        compute = torch.device(device)
+        self.pinned = compute.type == "cuda" and pinned_reads_supported(compute)
+        self.on_device = compute.type != "cpu" and not self.pinned
+        if self.on_device:
+            logger.warning("hybridkv: %s cannot read pinned host memory; the host tier is allocated on the device "
+                           "and counted as device KV", compute)
+        self.device = compute if self.on_device else torch.device("cpu")
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._free = torch.empty(0, dtype=torch.long)
@@ -39,13 +54,16 @@ class HostTier:
         return self.capacity - self._free.numel()
 
     def _grow(self, pages: int) -> None:
-        shape = (pages, self.page, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        if self.capacity:
-            new_k = [torch.cat([a, b]) for a, b in zip(self.k, new_k)]
-            new_v = [torch.cat([a, b]) for a, b in zip(self.v, new_v)]
-        self.k, self.v = new_k, new_v
+        shape = (self.capacity + pages, self.page, self.head_dim)
+
+        def grown(old: torch.Tensor | None) -> torch.Tensor:
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device, pin_memory=self.pinned)
+            if old is not None:
+                new[: self.capacity].copy_(old)
+            return new
+
+        self.k = [grown(self.k[l] if self.capacity else None) for l in range(self.num_layers)]
+        self.v = [grown(self.v[l] if self.capacity else None) for l in range(self.num_layers)]
         self._free = torch.cat([self._free, torch.arange(self.capacity, self.capacity + pages)])
         self.capacity += pages
 

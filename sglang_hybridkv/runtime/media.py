@@ -9,9 +9,13 @@ before a request is scheduled. How the placeholders got there differs per family
 - Qwen2-VL / Qwen2.5-VL: one ``<|image_pad|>`` per merged 2x2 patch of an image, one ``<|video_pad|>`` per
   merged 2x2x2 (two frames) patch of a video, between ``<|vision_start|>`` and ``<|vision_end|>``; the
   start/end tokens are text.
-- LLaVA-OneVision (``LlavaQwenForCausalLM``): one ``<image>`` token per image or video, which the model's
-  ``pad_input_ids`` expands to the image's feature length (newline tokens of the unpadded layout included);
-  its items carry no ``offsets``, which is why the rule reads the sentinels and not the offsets.
+- LLaVA-OneVision (``LlavaQwenForCausalLM``, the only format SGLang 0.5.23 serves it in): one ``<image>`` token
+  per image, which the model's ``pad_input_ids`` expands to the image's feature length: a lone image is tiled
+  (``anyres_max_9``: the base tile plus the grid tiles, with the unpadded layout's newline tokens), each of
+  several images is one tile. A video is sent as its frames (``image_data`` with ``modalities: ["video"]``, one
+  ``<image>`` per frame; SGLang's LLaVA processor reads no ``video_data``) and becomes one item per frame of
+  modality VIDEO, each padded to one tile. Its items carry no ``offsets``, which is why the rule reads the
+  sentinels and not the offsets.
 
 A family whose placeholders SGLang does not rewrite would show no media tokens here; ``media_tokens`` in the
 stats makes that visible, and ``plugin.SUPPORTED_ARCHS`` admits only families checked by the tests.
@@ -26,6 +30,8 @@ import torch
 # How one image / one video is written in a Qwen2-VL / Qwen2.5-VL prompt before the processor expands it.
 QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_VL_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+# How one image (or one video frame) is written in a LLaVA-OneVision prompt (SGLang's ``chatml-llava``).
+LLAVA_OV_IMAGE = "<image>\n"
 
 
 @dataclass(frozen=True)

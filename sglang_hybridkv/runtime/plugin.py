@@ -28,7 +28,7 @@ logger = logging.getLogger("sglang_hybridkv")
 BACKEND = "hybridkv"
 # Architectures whose attention goes through RadixAttention with standard MHA/GQA KV (what the pool holds).
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                   "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"}
+                   "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", "LlavaQwenForCausalLM"}
 # Flags implied by --kv-compression: compaction frees and rewrites pool slots between batches, which the overlap
 # scheduler (next batch prepared while this one runs) would race with. The radix cache stays as the user sets it.
 IMPLIED = {"attention_backend": BACKEND, "disable_overlap_schedule": True}
@@ -189,9 +189,14 @@ def _unsupported(sa, config: HybridKVConfig) -> str | None:
         problems.append("HiSparse (--enable-hisparse)")
     if val("enable_dp_attention"):
         problems.append("DP attention (--enable-dp-attention)")
-    for name in ("tp_size", "pp_size", "dp_size"):
+    for name in ("pp_size", "dp_size"):
         if (val(name) or 1) > 1:
             problems.append(f"--{name.replace('_', '-')} {val(name)} (per-rank budgets are not tested yet)")
+    kv_heads = _kv_heads(val("model_path"))
+    tp = val("tp_size") or 1
+    if tp > 1 and kv_heads is not None and kv_heads % tp:
+        problems.append(f"--tp-size {tp} with {kv_heads} KV heads (each rank must hold its own KV heads: "
+                        f"the KV head count must be a multiple of --tp-size)")
     if (val("page_size") or 1) != 1:
         problems.append(f"--page-size {val('page_size')} (the staging pool must be token-granular)")
     if val("enable_mixed_chunk"):
@@ -262,6 +267,18 @@ def _device(argv: list[str]) -> str | None:
         if name == "--device":
             return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
     return None
+
+
+def _kv_heads(model_path: str | None) -> int | None:
+    """The model's KV head count from its ``config.json`` (``text_config`` for VLMs); None when unknown."""
+    path = os.path.join(model_path or "", "config.json")
+    if not model_path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config") or cfg
+    n = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    return int(n) if n else None
 
 
 def _architecture(model_path: str | None) -> str | None:

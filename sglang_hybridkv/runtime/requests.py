@@ -58,6 +58,8 @@ class RequestHandle:
         q_window: per layer ``(Hq, w, D)`` queries of the prompt's last ``w`` positions, filled chunk by chunk
             (chunked prefill) and dropped at compaction.
         q_filled: ``(w,)`` bool, window positions whose queries have been seen.
+        prior: ``(prompt_len,)`` the cross-layer prior of the first compaction (``core.compress``), kept so that a
+            re-prefill after retraction plans each layer as it computes it, with the same ranking.
         stats: what compaction measured (see :attr:`report` for what the request is told).
         exported: the ``stats`` object last counted in the Prometheus metrics (``runtime/metrics.py``).
         pending_unlock: compacted with the radix cache on: once SGLang has inserted the prompt into the tree,
@@ -71,6 +73,7 @@ class RequestHandle:
     media: PromptMedia | None = None
     q_window: dict[int, torch.Tensor] = field(default_factory=dict)
     q_filled: torch.Tensor | None = None
+    prior: torch.Tensor | None = None
     stats: dict | None = None
     pending_unlock: bool = False
     unlocked: bool = False

@@ -32,6 +32,9 @@ TARGETS: dict[str, str] = {
     "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len": "AROUND: never serve the prompt's window from the cache",
     "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw":
         "BEFORE: reopen admission after compaction freed slots",
+    "sglang.srt.distributed.parallel_state.get_tp_group":
+        "used: tensor parallelism; at compaction ranks gather per-head figures over the group's cpu_group "
+        "(gloo; with world_size, rank_in_group)",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens":
         "used: evict radix entries to make room for a compressed region",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.build_additional_customized_info":

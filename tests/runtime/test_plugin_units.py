@@ -44,7 +44,7 @@ def _args(**kw):
     ({"disaggregation_mode": "prefill"}, "PD disaggregation"),
     ({"enable_hierarchical_cache": True}, "HiCache"),
     ({"enable_dp_attention": True}, "DP attention"),
-    ({"tp_size": 2}, "--tp-size 2"),
+    ({"pp_size": 2}, "--pp-size 2"),
     ({"page_size": 16}, "--page-size 16"),
     ({"device": "npu"}, "--device npu"),
     ({"enable_streaming_session": True}, "--enable-streaming-session"),
@@ -60,6 +60,13 @@ def test_unsupported_architecture_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["DeepseekV3ForCausalLM"]}')
     with pytest.raises(plugin.StartupError, match="DeepseekV3ForCausalLM"):
         plugin._refuse_unsupported(_args(model_path=str(tmp_path)), HybridKVConfig())
+
+
+def test_tensor_parallelism_is_accepted_when_ranks_hold_whole_kv_heads(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "num_key_value_heads": 2}')
+    plugin._refuse_unsupported(_args(tp_size=2, model_path=str(tmp_path)), HybridKVConfig())
+    with pytest.raises(plugin.StartupError, match="--tp-size 4 with 2 KV heads"):
+        plugin._refuse_unsupported(_args(tp_size=4, model_path=str(tmp_path)), HybridKVConfig())
 
 
 def test_cuda_is_accepted_with_graphs_off():

@@ -12,6 +12,9 @@ from .hybridkv import HybridKVPolicy
 class AllDynamicPolicy(HybridKVPolicy):
     name = "all_dynamic"
 
+    def uses_prior(self) -> bool:
+        return False  # no static head ranks anything
+
     def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor, share: int) -> torch.Tensor:
         return torch.zeros(stats.num_kv_heads, dtype=torch.bool)
 

@@ -18,6 +18,7 @@ from ..budget import HeadBudget, allocate, media_rows
 from ..classify import concentration
 from ..plan import LayerPlan, LayerStats
 from ..select import always_kept, pool_scores, select_tokens
+from ..shard import gather_heads
 from ..window import group_mean
 
 
@@ -35,6 +36,11 @@ class CompressionPolicy:
         """``(H,)`` bool, True for static heads; ``share`` is the media rows per head the budget gives."""
         raise NotImplementedError
 
+    def uses_prior(self) -> bool:
+        """Whether static heads rank tokens by the cross-layer prior (``config.prior == "late"``) rather than
+        their own layer's window attention; the caller computes it over all layers before planning any."""
+        return False
+
     def budgets(self, static: torch.Tensor, need: torch.Tensor, n_media: int, rows: float) -> HeadBudget:
         """Per-head device budget out of the layer's media ``rows`` (see :func:`core.budget.allocate`)."""
         c = self.config
@@ -43,7 +49,11 @@ class CompressionPolicy:
 
     def settle(self, stats: LayerStats, budget: HeadBudget, scores: torch.Tensor, media_idx: torch.Tensor,
                need: torch.Tensor, rows: float) -> HeadBudget:
-        """Revise head types once the budget is known (``scores``: ``(H, L)`` pooled); the default keeps it."""
+        """Revise head types once the budget is known; the default keeps it.
+
+        ``budget`` and ``need`` cover every head of the layer (all ranks'); ``scores`` (``(h, L)`` pooled) and
+        ``stats`` this rank's heads: what a revision needs from the other ranks it gathers (``stats.shard``),
+        and every rank takes the same branches, so the collectives match."""
         return budget
 
     # ---- shared mechanics ---------------------------------------------------------------------------
@@ -55,11 +65,17 @@ class CompressionPolicy:
         media_idx = (~keep_always).nonzero().flatten()
         n_media = media_idx.numel()
         probs = stats.window_probs
-        rows = media_rows(c.budget, c.budget_unit, keep_always.numel(), n_media, keep_always.numel() - n_media, h)
+        # Rows and shares count every head of the layer (all ranks'): the allocation is global.
+        rows = media_rows(c.budget, c.budget_unit, keep_always.numel(), n_media, keep_always.numel() - n_media,
+                          stats.all_kv_heads)
         need = concentration(probs, media_idx, h, c.theta) if n_media else torch.zeros(h, dtype=torch.long)
-        static = self.head_types(stats, media_idx, need, int(rows // h)).cpu()
-        scores = pool_scores(group_mean(probs.mean(1), h), c.pool_kernel, c.pool_forward)
-        budget = self.settle(stats, self.budgets(static, need.cpu(), n_media, rows), scores, media_idx, need.cpu(), rows)
+        static = self.head_types(stats, media_idx, need, int(rows // stats.all_kv_heads)).cpu()
+        scores = head_scores(probs, h, c) if stats.prior is None else stats.prior[None].expand(h, -1).float()
+        static_all, need_all = gather_heads(stats.shard, static, need.cpu())
+        budget = self.settle(stats, self.budgets(static_all, need_all, n_media, rows), scores, media_idx, need_all,
+                             rows)
+        if stats.shard is not None:  # this rank's heads of the all-heads budget
+            budget = HeadBudget(stats.shard.local(budget.static), stats.shard.local(budget.tokens), budget.top_k)
         static = budget.static
         per_head = torch.where(static, budget.tokens, torch.zeros_like(budget.tokens))
         keep_idx, keep_len = select_tokens(scores, keep_always, per_head)
@@ -83,7 +99,13 @@ class CompressionPolicy:
         prof = self.head_profile
         if prof is None:
             return None
-        if stats.layer_idx >= len(prof) or len(prof[stats.layer_idx]) != stats.num_kv_heads:
-            raise ValueError(f"head_profile {self.config.head_profile!r} has no entry of {stats.num_kv_heads} "
+        if stats.layer_idx >= len(prof) or len(prof[stats.layer_idx]) != stats.all_kv_heads:
+            raise ValueError(f"head_profile {self.config.head_profile!r} has no entry of {stats.all_kv_heads} "
                              f"KV heads for layer {stats.layer_idx}")
-        return torch.tensor(prof[stats.layer_idx], dtype=torch.bool)
+        flags = torch.tensor(prof[stats.layer_idx], dtype=torch.bool)
+        return flags if stats.shard is None else stats.shard.local(flags)
+
+
+def head_scores(window_probs: torch.Tensor, num_kv_heads: int, config: HybridKVConfig) -> torch.Tensor:
+    """``(H, seq_len)`` what a head ranks tokens by: its GQA group's window attention, pooled."""
+    return pool_scores(group_mean(window_probs.mean(1), num_kv_heads), config.pool_kernel, config.pool_forward)

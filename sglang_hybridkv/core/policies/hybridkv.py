@@ -18,11 +18,15 @@ import torch
 from ..budget import HeadBudget
 from ..classify import classify_static, media_mass, retrieval_coverage, static_coverage
 from ..plan import LayerStats
+from ..shard import gather_heads
 from .base import CompressionPolicy
 
 
 class HybridKVPolicy(CompressionPolicy):
     name = "hybridkv"
+
+    def uses_prior(self) -> bool:
+        return self.config.prior == "late"
 
     def head_types(self, stats: LayerStats, media_idx: torch.Tensor, need: torch.Tensor, share: int) -> torch.Tensor:
         fixed = self.profile_types(stats)
@@ -45,10 +49,11 @@ class HybridKVPolicy(CompressionPolicy):
         h = stats.num_kv_heads
         idx = media_idx.to(stats.keys.device)
         probs = media_mass(stats.window_probs, idx)
-        kept = static_coverage(probs, scores.index_select(1, idx), int(rows // h), h)
+        kept = static_coverage(probs, scores.index_select(1, idx), int(rows // stats.all_kv_heads), h)
         got = retrieval_coverage(probs, stats.queries, stats.keys.index_select(1, idx), budget.top_k, c.chunk_size,
                                  c.chunk_score_scale)
-        unpaid = dynamic & (got <= kept).cpu()
+        kept, got = gather_heads(stats.shard, kept.cpu(), got.cpu())  # every head's, as one rank computes them
+        unpaid = dynamic & (got <= kept)
         if not bool(unpaid.any()):
             return budget
         return self.budgets(budget.static | unpaid, need, media_idx.numel(), rows)
