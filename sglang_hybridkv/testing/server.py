@@ -53,15 +53,20 @@ def server_command(model_path: str, port: int, device: str = "cpu", max_total_to
                       "--log-level", "warning"]
     if device == "cpu":
         for name, value in cpu_settings(max_total_tokens).items():
-            cmd += [f"--{name.replace('_', '-')}", str(value)]
+            flag = f"--{name.replace('_', '-')}"
+            cmd += [flag] if value is True else [flag, str(value)]
         cmd += ["--skip-server-warmup"]
     return cmd + list(extra_args or [])
 
 
 def cpu_settings(max_total_tokens: int = 16384) -> dict:
-    """Server arguments for SGLang on a CPU (flags of ``server_command``, keywords of ``sgl.Engine``)."""
+    """Server arguments for SGLang on a CPU (flags of ``server_command``, keywords of ``sgl.Engine``).
+
+    ``sleep_on_idle``: an idle scheduler otherwise busy-polls its sockets at 100 % of a core, and SGLang's CPU
+    kernels slow down ~10x when any other process takes a core, so a second server left idle (a reference
+    server in a test, say) would slow the busy one down that much."""
     return {"attention_backend": "torch_native", "max_total_tokens": max_total_tokens, "mem_fraction_static": 0.4,
-            "dtype": "float32"}
+            "dtype": "float32", "sleep_on_idle": True}
 
 
 def post(url: str, payload: dict, timeout: float = 600) -> dict:
