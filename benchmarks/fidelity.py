@@ -34,6 +34,7 @@ from collections import defaultdict
 import torch
 
 from sglang_hybridkv.config import HybridKVConfig
+from sglang_hybridkv.core.budget import within_budget
 from sglang_hybridkv.hf.models import load_smollm2
 from sglang_hybridkv.hf.runner import HybridKVRunner
 from sglang_hybridkv.testing import captioned_video, security_log
@@ -164,7 +165,8 @@ class Bench:
                 kls.append(kl)
                 agree.append(ag)
         row = {"policy": cfg.policy, "budget": cfg.budget, "accuracy": mean(acc), "kv_ratio_device": mean(ratios),
-               "kv_ratio_device_answer": mean(ratios_answer), "static_head_fraction": mean(static)}
+               "kv_ratio_device_answer": mean(ratios_answer), "static_head_fraction": mean(static),
+               "within_budget": all(within_budget(1 / r, cfg.budget, cfg.budget_unit) for r in ratios)}
         if agreement:
             row.update(top1_agreement=mean(agree), kl=mean(kls))
         return row, {f: mean(v) for f, v in fam_acc.items()}
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"kv_ratio_device {row['kv_ratio_device']:.2f} static {row['static_head_fraction']:.2f}")
         out["results"] = results
         out["accuracy_by_family"] = per_family
+        out["equal_memory"] = equal_memory(results)
         print_table(out)
     out["seconds"] = time.perf_counter() - t_start
     if args.json:
@@ -216,14 +219,36 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
+def equal_memory(results: list[dict]) -> list[dict]:
+    """Each other policy's row beside the hybridkv row that holds the most device KV without holding more
+    (``kv_ratio_device`` at least as high): a policy over its budget (``within_budget`` false) is compared at
+    the memory it really used, not at the budget it was asked for."""
+    hybrid = [r for r in results if r["policy"] == "hybridkv"]
+    pairs = []
+    for r in results:
+        fits = [h for h in hybrid if h["kv_ratio_device"] >= r["kv_ratio_device"] * 0.99]
+        if r["policy"] == "hybridkv" or not fits:
+            continue
+        h = min(fits, key=lambda h: h["kv_ratio_device"])
+        pairs.append({"policy": r["policy"], "budget": r["budget"], "kv_ratio_device": r["kv_ratio_device"],
+                      "accuracy": r["accuracy"], "hybridkv_budget": h["budget"],
+                      "hybridkv_kv_ratio_device": h["kv_ratio_device"], "hybridkv_accuracy": h["accuracy"]})
+    return pairs
+
+
 def print_table(out: dict) -> None:
     print(f"\nFidelity on {out['model']}, {out['tasks_family']}, {out['tasks']} tasks "
           f"({out['prompt_tokens'][0]}-{out['prompt_tokens'][1]} tokens); full cache accuracy {out['full']['accuracy']:.2%}")
     print(f"{'policy':>12} {'budget':>7} {'accuracy':>9} {'top1':>7} {'KL':>8} {'kv_ratio_dev':>13} {'static':>7}")
     for r in out["results"]:
         agree = f"{r['top1_agreement']:>7.3f} {r['kl']:>8.4f}" if "kl" in r else f"{'-':>7} {'-':>8}"
+        over = "" if r["within_budget"] else "  over budget"
         print(f"{r['policy']:>12} {r['budget']:>7.2f} {r['accuracy']:>9.2f} {agree} "
-              f"{r['kv_ratio_device']:>13.2f} {r['static_head_fraction']:>7.2f}")
+              f"{r['kv_ratio_device']:>13.2f} {r['static_head_fraction']:>7.2f}{over}")
+    print("\nAt equal device memory (hybridkv at the most memory not above the other row's):")
+    for p in out["equal_memory"]:
+        print(f"{p['policy']:>12} @{p['budget']:<5} {p['kv_ratio_device']:5.1f}x acc {p['accuracy']:.2f}   "
+              f"hybridkv @{p['hybridkv_budget']:<5} {p['hybridkv_kv_ratio_device']:5.1f}x acc {p['hybridkv_accuracy']:.2f}")
 
 
 def print_sweep(out: dict) -> None:

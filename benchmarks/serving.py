@@ -65,7 +65,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     # Prompts of ~1,230 tokens: long enough that a compressed request (prompt/10 + output) takes >= 4x fewer
     # slots than a full one while still generating >= 128 tokens.
-    quick = {"pool_tokens": 4096, "requests": 16, "frames": 96, "output_len": 128,
+    quick = {"pool_tokens": 4096, "requests": 12, "frames": 96, "output_len": 128,
              "rows": "none,hybridkv@0.1"}
     full = {"pool_tokens": 8192, "requests": 32, "frames": 96, "output_len": 160,
             "rows": "none,hybridkv@0.1,hybridkv@0.2,snapkv@0.1"}

@@ -55,6 +55,14 @@ def media_rows(budget: float, unit: str, seq_len: int, n_media: int, n_always: i
     raise ValueError(f"budget_unit={unit!r} is not allowed: choose one of ['device', 'media']")
 
 
+def within_budget(kv_fraction_device: float, budget: float, unit: str) -> bool:
+    """Whether a compressed request keeps what its budget promised: ``kv_fraction_device`` is its device KV,
+    every byte counted, as a fraction of its full KV. Only the "device" unit promises bytes (2 % covers slot
+    packing and row tables). A policy goes over when its floor is above the budget: the always-kept text and
+    window, and for all_dynamic the chunk summaries and one chunk per head."""
+    return unit != "device" or kv_fraction_device <= budget * 1.02
+
+
 def dynamic_rows(top_k: int, n_media: int, chunk_size: int, charge_summaries: bool) -> int:
     """Device rows of one dynamic head: its retrieval buffer, plus its chunk summaries when charged."""
     summaries = math.ceil(n_media / chunk_size) if charge_summaries else 0

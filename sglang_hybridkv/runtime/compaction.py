@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.attention import decode_attention
+from ..core.budget import within_budget
 from ..core.cache import CompressedLayer, KVBytes
 from ..core.compress import cross_layer_prior, layer_prior, plan_layer, prompt_media_mask
 from ..core.digest import kept_digest
@@ -199,6 +200,11 @@ class CompactionBatch:
             h.stats = _stats(h, e, region, kv_pool, shard, host.on_device)
             h.pending_unlock = self.radix
             s = h.stats
+            if not s["within_budget"]:
+                logger.warning("hybridkv: request %s keeps %.3f of its full KV on the device, over its budget %.2f "
+                               "(%s cannot go below its always-kept tokens%s)", h.rid, s["kv_fraction_device"],
+                               h.config.budget, h.config.policy,
+                               " and chunk summaries" if s["dynamic_heads"] else "")
             logger.info("hybridkv: compressed request %s (%d prompt tokens, %s @ %.2f): %d static / %d dynamic heads, "
                         "device KV %d -> %d bytes (%.1fx), host tier %d bytes", h.rid, h.prompt_len, h.config.policy,
                         h.config.budget, s["static_heads"], s["dynamic_heads"], s["kv_bytes_full"],
@@ -268,7 +274,10 @@ def _stats(h: RequestHandle, e: _Entry, region: Region, kv_pool, shard: HeadShar
     tier_device, tier_host = (region.host_bytes, 0) if host_on_device else (0, region.host_bytes)
     local = {"kv_bytes_full": logical.full, "kv_bytes_device": device + tier_device + int(table_bytes),
              "kv_bytes_host": tier_host, "kv_bytes_metadata": int(table_bytes)}
-    return {**_plan_stats(h, e, shard, local), "compressed": True, "kv_slots_device": int(region.slots.numel())}
+    stats = {**_plan_stats(h, e, shard, local), "compressed": True, "kv_slots_device": int(region.slots.numel())}
+    fraction = stats["kv_bytes_device"] / max(1, stats["kv_bytes_full"])
+    return {**stats, "kv_fraction_device": round(fraction, 4),
+            "within_budget": within_budget(fraction, h.config.budget, h.config.budget_unit)}
 
 
 def _sum_over_ranks(shard: HeadShard | None, figures: dict) -> dict:

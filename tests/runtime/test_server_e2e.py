@@ -59,7 +59,8 @@ def test_compression_frees_staging_slots(none_server, hkv_server, task):
     prompt = out["meta_info"]["prompt_tokens"]
     assert stats["policy"] == "hybridkv" and stats["budget"] == 0.1 and stats["prompt_tokens"] == prompt
     assert stats["static_heads"] + stats["dynamic_heads"] == 30 * 3  # SmolLM2: 30 layers x 3 KV heads
-    assert stats["kv_bytes_full"] >= 5 * stats["kv_bytes_device"]
+    assert stats["kv_bytes_full"] >= 9 * stats["kv_bytes_device"]
+    assert stats["within_budget"] and stats["kv_fraction_device"] <= 0.102
     assert (stats["kv_bytes_host"] > 0) == (stats["dynamic_heads"] > 0)
     # The scheduler's own slot count while decoding: the none server holds the whole prompt, ours does not.
     time.sleep(1)
@@ -116,6 +117,13 @@ def test_per_request_policy_and_no_leaks_at_idle(hkv_server, task):
             assert "hybridkv" not in out["meta_info"]
         else:
             assert out["meta_info"]["hybridkv"]["policy"] == policy
+    # Every head dynamic at 0.05 cannot fit its chunk summaries into the budget: stats and the log say so.
+    offset = len(server_log(hkv_server))
+    out = post(hkv_server + "/generate", {"text": task.text, "sampling_params": dict(
+        GEN, max_new_tokens=4, custom_params={"hybridkv": {"policy": "all_dynamic", "budget": 0.05}})})
+    stats = out["meta_info"]["hybridkv"]
+    assert not stats["within_budget"] and stats["kv_fraction_device"] > 0.05
+    assert "over its budget 0.05" in server_log(hkv_server)[offset:]
     st = wait_idle(hkv_server)
     assert st["compacted_total"] == st["released_total"] > 0 and st["radix_protected_tokens"] == 0
     assert st["compressed_slots_held"] == 0 and st["host_tier_bytes"] == 0 and st["host_tier_pages_used"] == 0
