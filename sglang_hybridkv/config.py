@@ -72,34 +72,44 @@ class HybridKVConfig:
             classification: ``{"static": [[bool per KV head] per layer]}``.
     """
 
-    # Defaults chosen by the knob study (benchmarks/fidelity.py --sweep, benchmarks/results/fidelity-sweep.json:
-    # hybridkv on 10 captioned-video tasks, SmolLM2, accuracy at budgets 0.05 / 0.1 / 0.2); 0.1 decides, 10
-    # tasks resolve 0.1, so values within 0.1 of each other are ties and the simpler one stays.
+    # Defaults chosen by the knob study (benchmarks/fidelity.py --sweep --quick, benchmarks/results/fidelity-sweep.json
+    # of 2026-12-01: hybridkv on 10 captioned-video tasks of 48 frames, SmolLM2, accuracy at budgets 0.05 / 0.1 /
+    # 0.2, the other knobs at their defaults); 0.1 decides, 10 tasks resolve 0.1, so values within 0.1 of each
+    # other are ties and the simpler one stays. "earlier": the sweep before the cross-layer prior (per-layer rule).
     policy: str = "hybridkv"
     budget: float = 0.1
     budget_unit: str = "device"
     budget_tokens: int | None = None
-    window: int = 16  # 8: 0.2/0.5/1.0, 16: 0.0/0.7/0.9, 32: 0.1/0.4/0.8 (its 10 caption tokens dilute the question)
-    theta: float = 0.9  # 0.5 / 0.7 / 0.9 tie at 0.1 (0.7); 0.7 is one task better at 0.2: not resolved
+    # 8: 0.1/1.0/1.0, 16: 0.0/1.0/1.0, 32: 0.1/0.5/1.0 (its 10 caption tokens dilute the question); earlier 8:
+    # 0.2/0.5/1.0, 16: 0.0/0.7/0.9, 32: 0.1/0.4/0.8
+    window: int = 16
+    theta: float = 0.9  # 0.5 / 0.7 / 0.9 tie (0.0/1.0/1.0; earlier 0.7 at 0.1 each)
     static_ratio: float | None = None
-    # 0.0 and 0.5: 0.7 at 0.1 (sweep); 1.0 (shares by need alone): 0.2 — it starves the cue heads; security_log@0.05,
+    # 0.0 and 0.5: 0.0/1.0/1.0; 1.0 (shares by need alone): 0.0/0.2/0.4 — it starves the cue heads; security_log@0.05,
     # every head static: 0.5 scored 0.67, equal shares (snapkv) 1.00 (fidelity-security_log.json of 2026-11-30).
     need_weight: float = 0.0
+    # The dynamic-head knobs tie on these prompts (0.0/1.0/1.0 for every value: at 0.1 every head is static, at 0.2
+    # a quarter are dynamic and every value answers all): chunk_size 16/32/64, static_ratio None/0.75,
+    # chunk_score_scale 0/0.25/1, retrieval_interval 1/4. The simplest stay.
     chunk_size: int = 16
     top_k_chunks: int | None = None
     retrieval_interval: int = 1
     chunk_score_scale: float = 0.25  # chunk-mass recovery study in core/chunks.py
     sink: int = 4
     recent: int = 0
-    pool_kernel: int = 7  # 1 / 3 / 7 / 15 tie at 0.1 and 0.2 (0.7 / 0.9)
-    pool_forward: int = 8  # 0: 0.4/0.7, 4: 0.5/0.9, 8: 0.7/0.9, 16: 0.2/0.9 at 0.1/0.2
+    pool_kernel: int = 7  # 1: 0.1/0.9/1.0, 7 and 15: 0.0/1.0/1.0 (earlier 1/3/7/15 tied: 0.7/0.9 at 0.1/0.2)
+    # 0: 0.3/1.0/1.0, 4/8/16: 0.0/1.0/1.0. On 20 captioned tasks (fidelity-sweep-pool_forward-captioned_video.json)
+    # 0: 0.25/0.95/1.00, 4: 0.05/1.00/1.00, 8: 0.05/1.00/1.00, 16: 0.00/0.95/1.00; security log, 20 tasks: 1.00
+    # everywhere but 16 at 0.05 (0.80). 0.1 decides: 8 stays (0 would win 0.05 and lose a task at 0.1). Earlier
+    # 0: 0.4/0.7, 8: 0.7/0.9 at 0.1/0.2.
+    pool_forward: int = 8
     # late (max over the upper half's layers) vs layer (own layer, SnapKV's rule), hybridkv, 16 captioned-video
     # tasks (2 per cell, SmolLM2) at 0.05 / 0.1 / 0.2: 0.38 / 1.00 / 1.00 vs 0.12 / 0.75 / 0.88 (the mean over those
     # layers: 0.31 / 0.94 / 1.00); 20 tasks (4 per cell, 48 frames): max 0.05 / 1.00 / 1.00, mean 0.05 / 0.95 / 1.00;
     # security log, 20 tasks: 1.00 everywhere with either. "mix" (own + prior) 0.25 / 0.88 / 1.00. Quickstart's
     # 8 questions at 0.1 on the server: max 7/8, mean 5/8, layer 3/8 (full 5/8). README "Fidelity" has the tables.
     prior: str = "late"
-    classifier: str = "mass"  # mass / entropy / topk_mass tie at 0.1 (0.7)
+    classifier: str = "mass"  # mass / entropy / topk_mass tie (0.0/1.0/1.0; earlier 0.7 at 0.1 each)
     head_profile: str | None = None
 
     def __post_init__(self) -> None:
