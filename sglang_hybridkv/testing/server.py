@@ -79,10 +79,11 @@ def post(url: str, payload: dict, timeout: float = 600) -> dict:
         raise HTTPError(e.code, body) from None
 
 
-def generate_all(url: str, requests: list[dict], sampling_params: dict, together: bool = False) -> list[dict]:
-    """``/generate`` responses of ``requests`` (bodies without sampling parameters), in order: sent one after
-    another (each request alone on the server), or all at once (decoded together)."""
-    reqs = [dict(r, sampling_params=sampling_params) for r in requests]
+def generate_all(url: str, requests: list[dict], sampling_params: dict | None = None,
+                 together: bool = False) -> list[dict]:
+    """``/generate`` responses of ``requests``, in order: sent one after another (each request alone on the
+    server), or all at once (decoded together). A body without ``sampling_params`` gets ``sampling_params``."""
+    reqs = [r if "sampling_params" in r else dict(r, sampling_params=sampling_params) for r in requests]
     if not together:
         return [post(url + "/generate", r) for r in reqs]
     with cf.ThreadPoolExecutor(len(reqs)) as ex:

@@ -3,13 +3,12 @@ tokens however SGLang schedules a request — alone, or prefilled in 128-token c
 retracted and re-prefilled by SGLang's own retraction drill — with SGLang's busy-time memory check on, radix
 cache on and off. Real weights (SmolLM2), hybridkv at budget 0.1."""
 
-import asyncio
 import random
 
 import pytest
 
 from sglang_hybridkv.testing.captioned_video import sign_number
-from sglang_hybridkv.testing.server import get, post, server_log, sglang_server, wait_idle
+from sglang_hybridkv.testing.server import generate_all, get, server_log, sglang_server, wait_idle
 
 pytestmark = pytest.mark.slow
 COMPRESS = ["--kv-compression", "hybridkv", "--hybridkv-budget", "0.1"]
@@ -30,18 +29,7 @@ def prompts():
 def alone(smollm2_checkpoint, prompts):
     """Each long prompt alone on a server with no chunking and no retraction drill."""
     with sglang_server(smollm2_checkpoint, extra_args=COMPRESS) as url:
-        yield [post(url + "/generate", {"text": p, "sampling_params": GEN}) for p in prompts[0]]
-
-
-async def _together(url, texts):
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
-        async def one(t):
-            async with s.post(url + "/generate", json={"text": t, "sampling_params": GEN}) as r:
-                assert r.status == 200, await r.text()
-                return await r.json()
-        return await asyncio.gather(*(one(t) for t in texts))
+        yield generate_all(url, [{"text": p} for p in prompts[0]], GEN)
 
 
 @pytest.fixture(scope="module", params=["radix", "no-radix"])
@@ -52,7 +40,7 @@ def stressed(request, smollm2_checkpoint, prompts):
     with sglang_server(smollm2_checkpoint, extra_args=extra, env=STRESS_ENV) as url:
         long, short = prompts
         mixed = [t for pair in zip(long, short) for t in pair]
-        out = asyncio.run(_together(url, mixed))
+        out = generate_all(url, [{"text": t} for t in mixed], GEN, together=True)
         yield url, out[0::2], out[1::2]
 
 
@@ -83,18 +71,7 @@ def test_mixed_batch_equals_each_request_alone(stressed, prompts):
     url = stressed[0]
     texts = prompts[0][:1] + prompts[1][:1]
     params = [dict(GEN, custom_params={"hybridkv": c}) for c in ({"policy": "none"}, {"budget": 0.1}, {"budget": 1.0})]
-    cases = [(t, p) for t in texts for p in params]
-
-    async def together():
-        import aiohttp
-
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
-            async def one(t, p):
-                async with s.post(url + "/generate", json={"text": t, "sampling_params": p}) as r:
-                    return await r.json()
-            return await asyncio.gather(*(one(t, p) for t, p in cases))
-
-    batched = asyncio.run(together())
-    for (t, p), got in zip(cases, batched):
-        want = post(url + "/generate", {"text": t, "sampling_params": p})
-        assert got["output_ids"] == want["output_ids"], p
+    cases = [{"text": t, "sampling_params": p} for t in texts for p in params]
+    batched = generate_all(url, cases, together=True)
+    for case, got, want in zip(cases, batched, generate_all(url, cases)):
+        assert got["output_ids"] == want["output_ids"], case["sampling_params"]

@@ -11,7 +11,8 @@ import contextlib
 
 import pytest
 
-from sglang_hybridkv.testing.server import free_port, get, post, server_log, sglang_server, wait_idle
+from sglang_hybridkv.testing.server import (free_port, generate_all, get, post, server_log, sglang_server,
+                                            wait_idle)
 from tests.runtime.filler import filler
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,7 @@ OVERRIDES = [{"budget": 0.1}, {"budget": 1.0}, {"policy": "all_dynamic", "budget
 PROMPTS = [filler("Video", s, 700) + " What happened in the video?" for s in (1, 2)]
 CASES = [(p, dict(GEN, custom_params={"hybridkv": o})) for p in PROMPTS for o in OVERRIDES[:2]] + \
     [(PROMPTS[0], dict(GEN, custom_params={"hybridkv": OVERRIDES[2]}))]
+BODIES = [{"text": t, "sampling_params": p} for t, p in CASES]
 
 
 def _port():
@@ -37,18 +39,7 @@ def _port():
 def one_rank(tiny_llama_checkpoint):
     """The reference: each case alone on one rank (the server stops before the TP=2 one starts)."""
     with sglang_server(tiny_llama_checkpoint, extra_args=COMPRESS, port=_port()) as url:
-        return [post(url + "/generate", {"text": t, "sampling_params": p}) for t, p in CASES]
-
-
-async def _together(url, cases):
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
-        async def one(t, p):
-            async with s.post(url + "/generate", json={"text": t, "sampling_params": p}) as r:
-                assert r.status == 200, await r.text()
-                return await r.json()
-        return await asyncio.gather(*(one(t, p) for t, p in cases))
+        return generate_all(url, BODIES)
 
 
 async def _aborted(url, text):
@@ -83,7 +74,7 @@ def two_ranks(tiny_llama_checkpoint, one_rank):
     extra = COMPRESS + TP_ARGS + ["--chunked-prefill-size", "256"]
     with sglang_server(tiny_llama_checkpoint, extra_args=extra, env={**TP_ENV, **STRESS_ENV}, port=_port(),
                        timeout=400) as url:
-        yield url, asyncio.run(_together(url, CASES))
+        yield url, generate_all(url, BODIES, together=True)
 
 
 def test_same_tokens_and_kept_rows_as_one_rank(two_ranks, one_rank):
