@@ -61,7 +61,9 @@ class HybridKVConfig:
         pool_kernel: width of the 1-D average pooling of text-prior scores (odd; 1 disables pooling).
         pool_forward: forward reach of text-prior scores: a token scores at least the best of the
             ``pool_forward`` tokens before it, so what follows a cue the question names is kept with it
-            (0 disables; see ``core/select.py``).
+            (0 disables; see ``core/select.py``). The reach used is at most a quarter of the media rows one head
+            may keep (``core.policies.base.forward_reach``): at tight budgets on short prompts wide spans crowd
+            out the answer.
         prior: what static heads rank media tokens by. "layer": each layer's own window attention (SnapKV's
             rule, per head); "late": one score per token for every static head of every layer, the max over the
             upper half of the layers of their window attention (each head's pooled scores normalised to sum 1), so the
@@ -100,8 +102,9 @@ class HybridKVConfig:
     pool_kernel: int = 7  # 1: 0.1/0.9/1.0, 7 and 15: 0.0/1.0/1.0 (earlier 1/3/7/15 tied: 0.7/0.9 at 0.1/0.2)
     # 0: 0.3/1.0/1.0, 4/8/16: 0.0/1.0/1.0. On 20 captioned tasks (fidelity-sweep-pool_forward-captioned_video.json)
     # 0: 0.25/0.95/1.00, 4: 0.05/1.00/1.00, 8: 0.05/1.00/1.00, 16: 0.00/0.95/1.00; security log, 20 tasks: 1.00
-    # everywhere but 16 at 0.05 (0.80). 0.1 decides: 8 stays (0 would win 0.05 and lose a task at 0.1). Earlier
-    # 0: 0.4/0.7, 8: 0.7/0.9 at 0.1/0.2.
+    # everywhere but 16 at 0.05 (0.80). 0.1 decides: 8 stays, capped at a quarter of a head's media rows, which
+    # keeps both (captioned@0.05: ~9 rows, reach 2: 5/20 like reach 0; reach 1/2/3: 0.25/0.25/0.15 at 0.05, 0.95
+    # at 0.1, fidelity-sweep-reach-captioned_video.json). Earlier 0: 0.4/0.7, 8: 0.7/0.9 at 0.1/0.2.
     pool_forward: int = 8
     # late (max over the upper half's layers) vs layer (own layer, SnapKV's rule), hybridkv, 16 captioned-video
     # tasks (2 per cell, SmolLM2) at 0.05 / 0.1 / 0.2: 0.38 / 1.00 / 1.00 vs 0.12 / 0.75 / 0.88 (the mean over those

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .plan import LayerPlan, LayerStats
-from .policies.base import CompressionPolicy, head_scores
+from .policies.base import CompressionPolicy, forward_reach, head_scores
 from .shard import HeadShard
 from .window import window_attention
 
@@ -52,10 +52,11 @@ def prompt_media_mask(seq_len: int, window: int, media_mask: torch.Tensor | None
 
 
 def layer_prior(policy: CompressionPolicy, q_window: torch.Tensor, keys: torch.Tensor, scaling: float,
-                shard: HeadShard | None = None) -> torch.Tensor:
+                media_mask: torch.Tensor, shard: HeadShard | None = None) -> torch.Tensor:
     """One layer's share of the cross-layer prior: ``(seq_len,)`` the mean over the layer's KV heads (every
     rank's) of each head's pooled window attention, normalised to sum 1. Arguments as :func:`plan_layer`'s."""
-    s = head_scores(window_attention(q_window, keys, scaling), keys.shape[0], policy.config)
+    reach = forward_reach(policy.config, media_mask)
+    s = head_scores(window_attention(q_window, keys, scaling), keys.shape[0], policy.config, reach)
     total = (s / s.sum(-1, keepdim=True).clamp_min(1e-30)).sum(0)
     if shard is not None:  # every rank's heads: the prior is the one-rank figure on every rank
         total = shard.gather(total[None]).sum(0).to(keys.device)
@@ -97,7 +98,7 @@ def plan_layer(policy: CompressionPolicy, q_window: torch.Tensor | None, keys: t
     if not policy.uses_prior():
         prior = None
     elif prior is None:
-        prior = layer_prior(policy, q_window, keys, scaling, shard)
+        prior = layer_prior(policy, q_window, keys, scaling, media_mask, shard)
     # The policy indexes the window attention (on the keys' device) with positions derived from the mask.
     media_mask = media_mask.to(keys.device)
     prior = None if prior is None else prior.to(keys.device)

@@ -176,7 +176,8 @@ class HybridKVRunner:
         prior = None
         if policy.uses_prior():
             prior = cross_layer_prior({idx: layer_prior(policy, state.q_window[idx][:, -w:], state.keys[idx],
-                                                        state.scaling[idx]) for idx in state.keys}, len(state.keys))
+                                                        state.scaling[idx], mask) for idx in state.keys},
+                                      len(state.keys))
         for idx in sorted(state.keys):
             k, v = state.keys[idx], state.values[idx]
             plan = plan_layer(policy, state.q_window[idx][:, -w:], k, mask, idx, state.scaling[idx], prior=prior)

@@ -137,7 +137,8 @@ class CompactionBatch:
             keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
             policy = _policy(h.config)
             if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
-                e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, tp_shard())
+                mask = prompt_media_mask(h.prompt_len, h.window, h.media_mask)
+                e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, mask, tp_shard())
                 e.scaling[lid] = layer.scaling
                 continue
             cl = self._plan(e, lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)

@@ -156,6 +156,27 @@ def test_budget_bounds_static_heads():
     assert int(media_kept.sum()) <= 0.1 * n_media * 4
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "hybridkv"])
+def test_tight_budget_keeps_every_peak_not_one_wide_span(policy):
+    """The question looks at two cues (positions 50 and 120). A head that may keep only 5 media tokens must keep
+    both: pooled with the full forward reach (8), the first cue's span alone would fill its share."""
+    seq_len, w = 200, 4
+    q, k, v = _layer(1, 1, seq_len, 0, seed=3)
+    k[:, :seq_len] *= 0.01
+    u = torch.zeros(D)
+    u[0] = 1.0
+    k[0, 50], k[0, 120] = 12 * u, 11 * u
+    q[0, seq_len - w:seq_len] = u
+    cfg = dict(w=w, sink=0, pool_kernel=1, pool_forward=8, budget_unit="media")
+    plan, _, _ = _compress(policy, 5 / (seq_len - w), q, k, v, seq_len, **cfg)
+    kept = set(plan.keep_idx[0, : int(plan.keep_len[0])].tolist())
+    assert bool(plan.static.all()) and int(plan.keep_len[0]) == w + 5
+    assert {50, 51, 120} <= kept
+    # With rows to spare the configured reach is used: the cue and the 8 tokens after it.
+    plan, _, _ = _compress(policy, 60 / (seq_len - w), q, k, v, seq_len, **cfg)
+    assert set(range(50, 59)) | set(range(120, 129)) <= set(plan.keep_idx[0, : int(plan.keep_len[0])].tolist())
+
+
 def test_head_profile_replaces_classification(tmp_path):
     prof = tmp_path / "profile.json"
     prof.write_text('{"static": [[true, false]]}')

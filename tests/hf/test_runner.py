@@ -115,7 +115,8 @@ def test_runner_plans_are_the_shared_compression_step(smol, knobs, text_only):
     prior = None
     if policy.uses_prior():  # hybridkv's default: every layer's share first, as the server's compaction does
         prior = cross_layer_prior({idx: layer_prior(policy, state.q_window[idx][:, -cfg.window:], state.keys[idx],
-                                                    state.scaling[idx]) for idx in state.keys}, len(state.keys))
+                                                    state.scaling[idx], media) for idx in state.keys},
+                                  len(state.keys))
     for idx, plan in cache.plans.items():
         q_win = state.q_window[idx][:, -cfg.window:]
         ref = plan_layer(policy, q_win, state.keys[idx], media, idx, state.scaling[idx], prior=prior)
