@@ -19,6 +19,7 @@ import logging
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import eager_on_graph
 
 from ..config import HybridKVConfig
 from .compaction import CompactionBatch
@@ -47,9 +48,10 @@ class HybridKVMixin:
         self.host = HostTier(num_layers, config.chunk_size, head_dim, k0.dtype, device=k0.device)
         self.regions = Regions(self.allocator.free, self.host, model_runner.max_total_num_tokens)
         self.req_to_token_pool.attach_aux_cache(self.regions)  # SGLang frees regions with their rows
-        # Which retrieval-buffer rows hold a real token, per layer (a short last chunk leaves some empty).
-        self.row_valid = torch.zeros(num_layers, k0.shape[0] * self.num_kv_heads, dtype=torch.bool,
-                                     device=k0.device)
+        # Per layer, the host-tier row each retrieval-buffer row holds (-1: none), so a step copies only the
+        # chunks not already there; 4 bytes per pool row and layer, a fixed cost of the server, not of a request.
+        self.row_src = torch.full((num_layers, k0.shape[0] * self.num_kv_heads), -1, dtype=torch.int32,
+                                  device=k0.device)
         self.planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
                                      config.chunk_score_scale, k0.device)
         # Extend chunks of already-compacted requests (outputs re-prefilled after a retraction) replay decode
@@ -59,23 +61,38 @@ class HybridKVMixin:
         self.decode_batches = 0
         self._compaction: CompactionBatch | None = None
         self._plan: DecodePlan | None = None
+        self._kv_loc: torch.Tensor | None = None  # this decode batch's new-token slots
         self._replays: list[tuple[int, list[DecodePlan]]] = []  # (first query row, one plan per token)
 
     # ---- metadata, once per batch ------------------------------------------------------------------
+    # SGLang's contract: host work in ``_out_graph`` (outside any CUDA graph), static device work in
+    # ``_in_graph`` (recorded). All our metadata is host work; the eager entry runs both, as the base class does.
     def init_forward_metadata(self, forward_batch) -> None:
-        super().init_forward_metadata(forward_batch)
-        self._compaction = self._plan = None
+        self.init_forward_metadata_out_graph(forward_batch)
+        self.init_forward_metadata_in_graph(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False) -> None:
+        """Decode: this batch's :class:`DecodePlan` (at graph replay ``forward_batch`` is SGLang's padded view:
+        padded rows name ``req_to_token`` row 0 with length 1, and read only the pool's padding slot).
+        Extend: the parent's own metadata, then the compaction batch and decode replays."""
+        self._compaction = self._plan = self._kv_loc = None
         self._replays = []
         mode = forward_batch.forward_mode
-        if mode.is_decode():
+        if mode.is_decode():  # the parent's decode metadata is never read: decode is ours
             self.decode_batches += 1
             self._plan = self.planner.build(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens,
                                             self.req_to_token_pool.req_to_token)
-        elif mode.is_extend() and not mode.is_target_verify():
+            self._kv_loc = forward_batch.out_cache_loc
+            return
+        super().init_forward_metadata(forward_batch)  # prefill graphs are off: the parent's eager body
+        if mode.is_extend() and not mode.is_target_verify():
             incoming, self.regions.incoming = self.regions.incoming, {}
             self._compaction = CompactionBatch.build(forward_batch, incoming, self.regions.tree_cache)
             if self.regions.live:
                 self._replays = self._plan_replays(forward_batch)
+
+    def init_forward_metadata_in_graph(self, forward_batch) -> None:
+        """Nothing: no metadata of ours is device work recorded in a graph (see :meth:`_decode_layer`)."""
 
     def _plan_replays(self, forward_batch) -> list[tuple[int, list[DecodePlan]]]:
         """Extend rows of requests that already hold a region: one single-token plan per position, so each
@@ -102,7 +119,7 @@ class HybridKVMixin:
             q2, o2 = q.reshape(-1, width), o.view(-1, width)
             for first, plans in self._replays:
                 for i, plan in enumerate(plans):
-                    o2[first + i] = plan.attend(lid, q2[first + i: first + i + 1], k_buf, v_buf, self.row_valid[lid],
+                    o2[first + i] = plan.attend(lid, q2[first + i: first + i + 1], k_buf, v_buf, self.row_src[lid],
                                                 self.host, layer.scaling)[0].to(o.dtype)
         c = self._compaction
         if c is None or layer.is_cross_attention:
@@ -114,12 +131,23 @@ class HybridKVMixin:
 
     # ---- decode -------------------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        return self._decode_layer(q, k, v, layer, save_kv_cache)
+
+    @eager_on_graph
+    def _decode_layer(self, q, k, v, layer, save_kv_cache: bool) -> torch.Tensor:
+        """One layer's KV write and batched attention, ``(bs, Hq * D)``.
+
+        Under SGLang's breakable decode CUDA graphs this runs eagerly between the captured segments (the
+        projections, norms and MLPs around it), with the plan built for this replay: the plan's shapes follow
+        the batch's regions, so it is not recorded. Without a graph it is an ordinary call.
+        """
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+            n = self._kv_loc.shape[0]  # at replay: the real requests only (padded rows write nothing)
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(self._kv_loc, None), k[:n], v[:n])
         lid = layer.layer_id
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         return self._plan.attend(lid, q, self.token_to_kv_pool.get_key_buffer(lid),
-                                 self.token_to_kv_pool.get_value_buffer(lid), self.row_valid[lid], self.host,
+                                 self.token_to_kv_pool.get_value_buffer(lid), self.row_src[lid], self.host,
                                  layer.scaling)
 
 

@@ -67,6 +67,12 @@ class _Entry:
     priors: dict[int, torch.Tensor] = field(default_factory=dict)  # per layer, until commit plans them all
     scaling: dict[int, float] = field(default_factory=dict)
 
+    @functools.cached_property
+    def media_mask(self) -> torch.Tensor:
+        """``(prompt_len,)`` bool, the prompt's media positions outside the window: once per request, not per layer."""
+        h = self.handle
+        return prompt_media_mask(h.prompt_len, h.window, h.media_mask)
+
 
 class CompactionBatch:
     """Per extend batch: window-query stash and compaction (see the module docstring)."""
@@ -137,8 +143,7 @@ class CompactionBatch:
             keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
             policy = _policy(h.config)
             if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
-                mask = prompt_media_mask(h.prompt_len, h.window, h.media_mask)
-                e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, mask, tp_shard())
+                e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, e.media_mask, tp_shard())
                 e.scaling[lid] = layer.scaling
                 continue
             cl = self._plan(e, lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)
@@ -155,8 +160,7 @@ class CompactionBatch:
     def _plan(self, e: _Entry, lid: int, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> CompressedLayer:
         """Plan layer ``lid`` of ``e`` (``(H, L, D)`` prompt KV) and keep its compact copy."""
         h = e.handle
-        mask = prompt_media_mask(h.prompt_len, h.window, h.media_mask)
-        plan = plan_layer(_policy(h.config), h.q_window.get(lid), keys, mask, lid, scaling, tp_shard(), h.prior)
+        plan = plan_layer(_policy(h.config), h.q_window.get(lid), keys, e.media_mask, lid, scaling, tp_shard(), h.prior)
         e.plans[lid] = plan
         e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
         return e.layers[lid]

@@ -61,20 +61,22 @@ class DecodePlan:
     """One decode forward batch's attention metadata. See the module docstring."""
 
     def __init__(self, tables: _Tables, tail_rows: torch.Tensor, tail_valid: torch.Tensor, refresh: torch.Tensor,
-                 num_kv_heads: int, chunk: int, score_scale: float) -> None:
+                 fresh: torch.Tensor, num_kv_heads: int, chunk: int, score_scale: float) -> None:
         self.t = tables
         self.tail_rows, self.tail_valid = tail_rows, tail_valid  # (N, G)
         self.refresh = refresh  # (N,) bool: sequences whose dynamic heads re-select chunks this step
+        self.fresh = fresh  # (N,) bool: first step on a region; its buffer rows hold nothing of it yet
         self.h, self.chunk, self.score_scale = num_kv_heads, chunk, score_scale
 
     def attend(self, layer_id: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-               row_valid: torch.Tensor, host: HostTier, scaling: float) -> torch.Tensor:
+               row_src: torch.Tensor, host: HostTier, scaling: float) -> torch.Tensor:
         """Decode attention of one layer for the whole batch.
 
         Args:
             q: ``(B, Hq * D)`` this step's queries.
             k_buffer, v_buffer: ``(slots, H, D)`` the layer's pool buffers (this step's KV already written).
-            row_valid: ``(slots * H,)`` bool, which retrieval-buffer rows of this layer hold a real token.
+            row_src: ``(slots * H,)`` int32, the layer's retrieval-buffer state: the host-tier row each pool row
+                holds, ``-1`` for none (updated in place by the retrieval).
         Returns: ``(B, Hq * D)``.
         """
         t = self.t
@@ -82,41 +84,65 @@ class DecodePlan:
         k_rows, v_rows = k_buffer.view(-1, d), v_buffer.view(-1, d)
         qg = q.view(q.shape[0] * self.h, -1, d)  # (N, group, D): query head j belongs to KV head j // group
         if t.k_max:
-            self._retrieve(layer_id, qg, k_rows, v_rows, row_valid, host)
+            self._retrieve(layer_id, qg, k_rows, v_rows, row_src, host)
         buf = t.buf_rows[layer_id]
-        buf_valid = row_valid[buf] & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
+        buf_valid = (row_src[buf] >= 0) & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
         idx = torch.cat([t.kept_rows[layer_id], buf, self.tail_rows], dim=1)
         valid = torch.cat([t.kept_valid[layer_id], buf_valid, self.tail_valid], dim=1)
         return row_decode(qg, k_rows, v_rows, idx, valid, scaling).view(q.shape)
 
     def _retrieve(self, layer_id: int, qg: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                  row_valid: torch.Tensor, host: HostTier) -> None:
-        """Score every dynamic head's chunks, copy the top-k into its buffer rows (fixed shapes, no sync)."""
-        t, c = self.t, self.chunk
+                  row_src: torch.Tensor, host: HostTier) -> None:
+        """Score every dynamic head's chunks and bring the top-k into its buffer, copying only the chunks not
+        already there (fixed shapes, no host sync).
+
+        A buffer is ``k_max`` slots of ``chunk`` rows; a slot's first row says (``row_src``) which chunk it holds.
+        Selected chunks already resident keep their slot; the others are copied from the host tier into the
+        slots whose chunk was dropped, the j-th missing chunk into the j-th free slot.
+        """
+        t, c, k = self.t, self.chunk, self.t.k_max
+        n, dev = qg.shape[0], qg.device
         scores = score_chunks_rows(qg, k_rows, v_rows, t.sum_rows[layer_id], t.n_chunks[layer_id], self.score_scale)
-        ids, ok = select_chunks(scores, t.top_k[layer_id] * self.refresh, t.k_max)
-        # Ascending chunk order: when every chunk is taken, slot i holds chunk i, so the short last chunk ends
-        # exactly at the buffer's end (buffers are min(top_k * chunk, n_host) rows).
-        big = t.sum_rows.shape[-1]
+        ids, ok = select_chunks(scores, t.top_k[layer_id] * self.refresh, k)  # (N, K)
+        pages, buf = t.host_pages[layer_id], t.buf_rows[layer_id]
+        # Ascending chunk order: when every chunk is taken (the only case where a buffer is shorter than
+        # k_max * chunk), a fresh buffer puts chunk i in slot i, so the short last chunk ends at the buffer's end.
+        big = pages.shape[1]
         ids = torch.where(ok, ids, big).sort(dim=1).values
         ok = ids < big
         ids = ids.clamp(max=max(big - 1, 0))
+        want = torch.where(ok, pages.gather(1, ids) * c, -2)  # first host row of each selected chunk
+        slot_col = torch.arange(k, device=dev) * c
+        has_slot = slot_col[None] < t.buf_len[layer_id][:, None]  # (N, K)
+        first = buf.gather(1, slot_col.clamp(max=buf.shape[1] - 1)[None].expand(n, k))
+        held = torch.where(has_slot & ~self.fresh[:, None], row_src[first].long(), -1)
+        match = (want[:, :, None] == held[:, None, :]) & (held >= 0)[:, None, :]  # (N, selected, slot)
+        kept = match.any(1)
+        need = ok & ~match.any(2)
+        free_first = torch.sort((~(has_slot & ~kept)).to(torch.uint8), dim=1, stable=True).indices
+        target = free_first.gather(1, (need.cumsum(1) - 1).clamp(min=0))
+        fill = torch.full((n, k + 1), -1, dtype=torch.long, device=dev)  # per slot: the selected entry loaded
+        fill.scatter_(1, torch.where(need, target, k), torch.arange(k, device=dev).expand(n, k).contiguous())
+        fill = fill[:, :k]
         # One entry per real buffer row (not per padded (sequence, column)): static heads and uncompressed
         # requests copy nothing, and no two entries write the same pool row.
         seq, col = t.buf_seq[layer_id], t.buf_col[layer_id]
         slot, off = col // c, col % c
-        chunk_id = ids[seq, slot]
-        tok_ok = ok[seq, slot] & (chunk_id * c + off < t.n_host[layer_id][seq])
-        src = t.host_pages[layer_id][seq, chunk_id] * c + off
+        entry = fill[seq, slot]
         write = t.buf_live[layer_id] & self.refresh[seq]
-        # Entries not written this step (padding, sequences between refreshes) go to the pool's padding row 0.
-        dst = torch.where(write, t.buf_rows[layer_id][seq, col], 0)
-        src = torch.where(write & tok_ok, src, 0)
+        load = write & (entry >= 0)
+        chunk_id = ids[seq, entry.clamp(min=0)]
+        load_ok = load & (chunk_id * c + off < t.n_host[layer_id][seq])  # a short last chunk leaves rows empty
+        src = pages[seq, chunk_id] * c + off
+        dst = buf[seq, col]
+        # Entries that copy nothing go to the pool's padding row 0.
         d = k_rows.shape[1]
-        copy_rows(host.k[layer_id].view(-1, d), src, k_rows, dst)
-        copy_rows(host.v[layer_id].view(-1, d), src, v_rows, dst)
-        row_valid.index_copy_(0, dst, tok_ok & write)
-        row_valid[:1].fill_(False)  # an in-place fill, not a host->device copy: CUDA-graph capturable
+        copy_rows(host.k[layer_id].view(-1, d), torch.where(load_ok, src, 0), k_rows, torch.where(load_ok, dst, 0))
+        copy_rows(host.v[layer_id].view(-1, d), torch.where(load_ok, src, 0), v_rows, torch.where(load_ok, dst, 0))
+        # A loaded row records its source; a slot whose chunk was dropped and not refilled is emptied.
+        changed = load | (write & ~kept[seq, slot])
+        row_src.index_copy_(0, torch.where(changed, dst, 0), torch.where(load_ok, src, -1).to(row_src.dtype))
+        row_src[:1].fill_(-1)  # an in-place fill, not a host->device copy: CUDA-graph capturable
 
 
 class DecodePlanner:
@@ -149,8 +175,10 @@ class DecodePlanner:
         tail_rows = (slots[:, None, :] * self.h + heads[None, :, None]).reshape(-1, g)
         tail_valid = (torch.arange(g, device=dev)[None] < tail_len[:, None]).repeat_interleave(self.h, 0)
         step = seq - 1 - t.tail_start
-        refresh = ((step % t.interval == 0) | (seq - 1 == t.decode_start)).repeat_interleave(self.h)
-        return DecodePlan(t, tail_rows, tail_valid, refresh, self.h, self.chunk, self.score_scale)
+        fresh = seq - 1 == t.decode_start
+        refresh = ((step % t.interval == 0) | fresh).repeat_interleave(self.h)
+        return DecodePlan(t, tail_rows, tail_valid, refresh, fresh.repeat_interleave(self.h), self.h, self.chunk,
+                          self.score_scale)
 
     def _build_tables(self, key: tuple, rows: list[int]) -> _Tables:
         regions = [self.regions.get(r) for r in rows]

@@ -32,8 +32,16 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "
 # Flags implied by --kv-compression: compaction frees and rewrites pool slots between batches, which the overlap
 # scheduler (next batch prepared while this one runs) would race with. The radix cache stays as the user sets it.
 IMPLIED = {"attention_backend": BACKEND, "disable_overlap_schedule": True}
-# On CUDA, graphs are off: the decode plan's shapes follow the batch (see README, "GPU").
-IMPLIED_CUDA = {"disable_prefill_cuda_graph": True, "disable_decode_cuda_graph": True}
+# On CUDA: decode graphs are SGLang's breakable ones, whose captured segments (projections, norms, MLPs) run
+# around our decode attention, called eagerly with this step's plan (its shapes follow the batch's regions, so
+# a whole-forward "full" graph cannot hold it). Prefill graphs are off: compaction runs inside the last
+# prefill layer and does host work. A user's own choice to turn decode graphs off is kept.
+IMPLIED_CUDA = {"disable_prefill_cuda_graph": True}
+IMPLIED_CUDA_DECODE_GRAPH = {"cuda_graph_backend_decode": "breakable"}
+# Settings by which a user chooses decode graphs (SGLang's precedence: JSON config, then the per-phase backend,
+# then the off-switches).
+DECODE_GRAPH_FIELDS = ("cuda_graph_config", "cuda_graph_backend_decode", "disable_decode_cuda_graph",
+                       "disable_cuda_graph")
 BACKEND_FIELDS = ("attention_backend", "decode_attention_backend", "prefill_attention_backend")
 # Engine keyword arguments that are ours (the CLI flags' dests).
 ENGINE_KWARGS = ("kv_compression", *(f"hybridkv_{f}" for f in FIELDS if f != "policy"))
@@ -115,19 +123,46 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     except IncompatibleSGLang as e:
         raise StartupError(str(e)) from None
     argv = _strip_backend_flags(argv, config)
-    server_args = orig(argv + _as_flags(_implied(_device(argv))), *args, **kwargs)
+    chosen = {f for f in DECODE_GRAPH_FIELDS if _flag_given(argv, f)}
+    server_args = orig(argv + _as_flags(_implied(_device(argv), chosen)), *args, **kwargs)
     _refuse_unsupported(server_args, config)
     os.environ[ENV_VAR] = config.to_json()
     logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
     radix = "off" if server_args.disable_radix_cache else "on (uncompressed prefixes shared, copy-on-compress)"
-    graphs = "; CUDA graphs off" if server_args.device == "cuda" else ""
+    graphs = ""
+    if server_args.device == "cuda":
+        decode = _graph_backend(server_args, "decode") or "full"
+        graphs = (f"; decode CUDA graphs {decode}" + (" (hybridkv attention runs eagerly between captured segments)"
+                                                       if decode == "breakable" else "") + "; prefill CUDA graphs off")
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
           f"overlap scheduling off{graphs}", file=sys.stderr)
     return server_args
 
 
-def _implied(device: str | None) -> dict:
-    return {**IMPLIED, **(IMPLIED_CUDA if device == "cuda" else {})}
+def _implied(device: str | None, chosen: set[str] = frozenset()) -> dict:
+    """Settings implied by compression; ``chosen``: the decode-graph settings the user gave (kept as given)."""
+    if device != "cuda":
+        return dict(IMPLIED)
+    return {**IMPLIED, **IMPLIED_CUDA, **({} if chosen else IMPLIED_CUDA_DECODE_GRAPH)}
+
+
+def _flag_given(argv: list[str], field: str) -> bool:
+    flag = f"--{field.replace('_', '-')}"
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _graph_backend(sa, phase: str) -> str | None:
+    """The CUDA-graph backend SGLang will use for ``phase`` ("full", "breakable", "disabled"), by its precedence;
+    None when nothing was set (SGLang's default: decode "full"; prefill "breakable" on CUDA)."""
+    raw = getattr(sa, "cuda_graph_config", None)
+    raw = raw.to_dict() if hasattr(raw, "to_dict") else (raw or {})
+    if (raw.get(phase) or {}).get("backend"):
+        return raw[phase]["backend"]
+    if getattr(sa, f"cuda_graph_backend_{phase}", None):
+        return getattr(sa, f"cuda_graph_backend_{phase}")
+    if getattr(sa, "disable_cuda_graph", False) or getattr(sa, f"disable_{phase}_cuda_graph", False):
+        return "disabled"
+    return None
 
 
 def _as_flags(settings: dict) -> list[str]:
@@ -203,6 +238,14 @@ def _unsupported(sa, config: HybridKVConfig) -> str | None:
         problems.append("--enable-mixed-chunk")
     if val("device") not in ("cpu", "cuda"):
         problems.append(f"--device {val('device')} (supported: cpu, cuda)")
+    if val("device") == "cuda":
+        decode, prefill = _graph_backend(sa, "decode"), _graph_backend(sa, "prefill")
+        if decode in (None, "full"):
+            problems.append("full decode CUDA graphs (the decode plan follows each batch's compressed regions; use "
+                            "--cuda-graph-backend-decode breakable, the default with compression, or disabled)")
+        if prefill != "disabled":
+            problems.append(f"prefill CUDA graphs ({prefill or 'breakable'}; compaction runs inside prefill: "
+                            "use --disable-prefill-cuda-graph, the default with compression)")
     if val("enable_streaming_session"):
         problems.append("--enable-streaming-session (a session's requests share KV rows that compaction rewrites)")
     arch = _architecture(val("model_path"))
@@ -249,7 +292,8 @@ def engine_server_args(**kwargs):
         refusal = _backend_refusal(config, name, kwargs.pop(name, None))
         if refusal:
             raise ConfigError(refusal)
-    server_args = ServerArgs(**kwargs, **_implied(kwargs.get("device")))
+    chosen = {f for f in DECODE_GRAPH_FIELDS if kwargs.get(f) not in (None, False)}
+    server_args = ServerArgs(**{**kwargs, **_implied(kwargs.get("device"), chosen)})
     problems = _unsupported(server_args, config)
     if problems:
         raise ConfigError(problems)

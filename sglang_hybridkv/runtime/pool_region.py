@@ -7,8 +7,8 @@ packed per layer in this order:
 - each head's kept prompt tokens (K rows in the key buffer, V rows in the value buffer);
 - each dynamic head's chunk summaries (min key in the key buffer, max key in the value buffer: one row per
   chunk);
-- each dynamic head's retrieval buffer, ``min(top_k * chunk, n_host)`` rows: every decode step copies the
-  chunks selected for the current query from the host tier into it.
+- each dynamic head's retrieval buffer, ``min(top_k * chunk, n_host)`` rows: every decode step copies into it
+  the chunks selected for the current query that it does not hold yet, from the host tier.
 
 ``S = max over layers of ceil(rows / H)``; rows a layer does not use are packing waste, counted in the device
 bytes every report gives. :func:`layout` returns the tables the batched decode path reads (all ``(L, H, ·)``,

@@ -22,6 +22,10 @@ TARGETS: dict[str, str] = {
     # scheduler: backend, accounting, per-request stats
     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend": "base class of the CPU backend",
     "sglang.srt.layers.attention.triton_backend.TritonAttnBackend": "base class of the CUDA backend",
+    "sglang.srt.layers.attention.base_attn_backend.AttentionBackend.init_forward_metadata_out_graph":
+        "overridden: the per-batch decode plan is host work, built outside CUDA graphs (also at graph replay)",
+    "sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.eager_on_graph":
+        "used: decode attention runs eagerly between the segments of SGLang's breakable decode CUDA graphs",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.attach_aux_cache":
         "used: regions are the pool's aux cache (freed with their rows, cleared with the pool)",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": "AFTER: attach per-request info",

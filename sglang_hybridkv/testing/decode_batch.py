@@ -29,7 +29,7 @@ class PoolBatch:
         self.freed: list[torch.Tensor] = []
         self.host = HostTier(num_layers, chunk, d, dtype, device=device)
         self.regions = Regions(self.freed.append, self.host, slots)
-        self.row_valid = torch.zeros(num_layers, slots * h, dtype=torch.bool, device=device)
+        self.row_src = torch.full((num_layers, slots * h), -1, dtype=torch.int32, device=device)
         self.planner = DecodePlanner(self.regions, num_layers, h, chunk, 0.25, self.device)
 
     def alloc(self, n: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ def test_mixed_batch_equals_per_request_reference(h, group, interval):
             q = torch.randn(len(rows), h * group, D, generator=g)
             k_new, v_new = torch.randn(len(rows), h, D, generator=g), torch.randn(len(rows), h, D, generator=g)
             pool.k[l][new], pool.v[l][new] = k_new, v_new
-            out = plan.attend(l, q.reshape(len(rows), -1), pool.k[l], pool.v[l], pool.row_valid[l], pool.host,
+            out = plan.attend(l, q.reshape(len(rows), -1), pool.k[l], pool.v[l], pool.row_src[l], pool.host,
                               D ** -0.5).view(len(rows), h * group, D)
             for i, ref in enumerate(refs):
                 if "layers" in ref:
@@ -70,6 +70,78 @@ def test_mixed_batch_equals_per_request_reference(h, group, interval):
                     want = _full_attention(q[i], ref["keys"][l], ref["values"][l], D ** -0.5)
                 torch.testing.assert_close(out[i], want, rtol=1e-4, atol=1e-4, msg=f"request {i} layer {l} step {step}")
     assert planner.builds == 5 and planner.table_builds == 1  # tables reused while the batch is unchanged
+
+
+def test_graph_padded_batch_gives_real_rows_the_same_attention():
+    """At CUDA-graph replay SGLang pads a decode batch to the captured size: padded rows name ``req_to_token``
+    row 0 with length 1 and their queries are whatever the buffers hold. The plan built on that view must give
+    every real request what the unpadded plan gives it, and a padded row must read nothing but the pool's
+    padding slot 0."""
+    h, group = 2, 3
+    pool = PoolBatch(LAYERS, h, D, 3000)
+    specs = [("hybridkv", 0.1, 203), (None, 1.0, 90), ("all_dynamic", 0.2, 120)]
+    rows = [1, 2, 3]
+    for r, (p, b, n) in zip(rows, specs):
+        _request(pool, r, p, b, n, group, seed=r)
+    g = torch.Generator().manual_seed(5)
+    lens = torch.tensor([n for _, _, n in specs])
+    for _ in range(3):
+        new = pool.alloc(len(rows))
+        for i, r in enumerate(rows):
+            pool.req_to_token[r, lens[i]] = int(new[i])
+        lens = lens + 1
+        padded_lens = torch.cat([lens, torch.ones(4, dtype=lens.dtype)])
+        plan, padded = pool.planner.build(rows, lens, pool.req_to_token), \
+            pool.planner.build(rows + [0] * 4, padded_lens, pool.req_to_token)
+        for l in range(LAYERS):
+            pool.k[l][new], pool.v[l][new] = torch.randn(len(rows), h, D, generator=g), torch.randn(len(rows), h, D, generator=g)
+            q = torch.randn(len(rows) + 4, h * group * D, generator=g)
+            want = plan.attend(l, q[:3], pool.k[l], pool.v[l], pool.row_src[l], pool.host, D ** -0.5)
+            held_before = pool.row_src[l].clone()
+            got = padded.attend(l, q, pool.k[l], pool.v[l], pool.row_src[l], pool.host, D ** -0.5)
+            torch.testing.assert_close(got[:3], want, rtol=1e-5, atol=1e-5)
+            # A padded row attends to one row per head, slot 0's: its output is that slot's values.
+            slot0 = pool.v[l][0][:, None, :].expand(h, group, D).reshape(-1)
+            torch.testing.assert_close(got[3:], slot0.expand(4, -1))
+            assert torch.equal(pool.row_src[l], held_before)  # the same chunks again; padded rows add none
+
+
+def test_retrieval_copies_only_chunks_not_already_in_the_buffer():
+    """A step whose query selects the chunks the buffer holds copies nothing; a step that changes part of the
+    selection copies only the new chunks, into the slots of the dropped ones. Rows holding a kept chunk are
+    marked in the pool: a copy would overwrite the mark."""
+    h, group = 2, 2
+    pool = PoolBatch(1, h, D, 4000)
+    g = torch.Generator().manual_seed(11)
+    keys, values = [torch.randn(h, 600, D, generator=g)], [torch.randn(h, 600, D, generator=g)]
+    pool.add_compressed(1, HybridKVConfig(policy="all_dynamic", budget=0.2, window=8), keys, values,
+                        [torch.randn(h * group, 8, D, generator=g)], D ** -0.5)
+    lens = torch.tensor([600])
+    k_rows, host_k = pool.k[0].view(-1, D), pool.host.k[0].view(-1, D)
+
+    def step(q):
+        nonlocal lens
+        new = pool.alloc(1)
+        pool.req_to_token[1, lens[0]] = int(new[0])
+        lens = lens + 1
+        pool.planner.build([1], lens, pool.req_to_token).attend(0, q, pool.k[0], pool.v[0], pool.row_src[0],
+                                                                 pool.host, D ** -0.5)
+
+    q = torch.randn(1, h * group * D, generator=g)
+    step(q)  # first step: the whole selection is copied
+    held = pool.row_src[0].clone()
+    used = held >= 0
+    assert used.sum() > 32 and torch.equal(k_rows[used], host_k[held[used].long()])
+    k_rows[used] = 1e3
+    step(q)  # the same selection
+    assert torch.equal(pool.row_src[0], held) and bool((k_rows[used] == 1e3).all())
+    step(q + 0.6 * torch.randn(q.shape, generator=g))  # part of the selection changes
+    now = pool.row_src[0]
+    kept, loaded = used & (now == held), (now >= 0) & (now != held)
+    assert kept.any() and loaded.any()
+    assert bool((k_rows[kept] == 1e3).all())  # kept chunks were not copied again
+    assert torch.equal(k_rows[loaded], host_k[now[loaded].long()])  # new chunks hold their host rows
+    assert not bool((k_rows[loaded] == 1e3).any())
 
 
 def test_regions_free_their_slots_and_pages_exactly_once():

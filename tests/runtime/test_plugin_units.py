@@ -69,8 +69,46 @@ def test_tensor_parallelism_is_accepted_when_ranks_hold_whole_kv_heads(tmp_path)
         plugin._refuse_unsupported(_args(tp_size=4, model_path=str(tmp_path)), HybridKVConfig())
 
 
-def test_cuda_is_accepted_with_graphs_off():
-    plugin._refuse_unsupported(_args(device="cuda"), HybridKVConfig())
+def _cuda_graphs(extra):
+    """(decode, prefill) CUDA-graph backends as SGLang itself resolves them for a --device cuda launch."""
+    from sglang.srt.arg_groups.cuda_graph_hook import parse_cuda_graph_config
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.server_args import prepare_server_args
+
+    plugin._register_backend()
+
+    def orig(argv):  # SGLang's own parser without our flags (the CLI hook adds them in a real launch)
+        i = argv.index("--kv-compression")
+        return prepare_server_args(argv[:i] + argv[i + 2:])
+
+    sa = plugin._prepare_server_args(orig, ["--model-path", "m", "--device", "cuda", "--kv-compression", "hybridkv",
+                                            *extra])
+    parse_cuda_graph_config(sa)
+    cfg = resolved_view(sa).cuda_graph_config
+    return cfg.decode.backend, cfg.prefill.backend
+
+
+@pytest.mark.parametrize("extra,decode", [
+    ([], "breakable"),  # the default with compression
+    (["--disable-cuda-graph"], "disabled"),  # the user's choice is kept
+    (["--cuda-graph-backend-decode", "disabled"], "disabled"),
+    (["--cuda-graph-config", '{"decode": {"backend": "breakable", "max_bs": 8}}'], "breakable"),
+])
+def test_cuda_runs_breakable_decode_graphs_and_no_prefill_graphs(extra, decode):
+    assert _cuda_graphs(extra) == (decode, "disabled")
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--cuda-graph-backend-decode", "full"], "full decode CUDA graphs"),
+    (["--cuda-graph-config", '{"decode": {"max_bs": 8}}'], "full decode CUDA graphs"),  # SGLang's default: full
+    (["--cuda-graph-backend-prefill", "breakable"], "prefill CUDA graphs"),
+])
+def test_cuda_graph_settings_that_cannot_hold_the_decode_plan_are_refused(extra, words):
+    with pytest.raises(plugin.StartupError, match=words):
+        _cuda_graphs(extra)
+
+
+def test_device_flag_is_read():
     assert plugin._device(["--model-path", "m", "--device", "cuda"]) == "cuda"
     assert plugin._device(["--device=cpu"]) == "cpu"
 
@@ -93,6 +131,14 @@ def test_engine_takes_the_flags_as_keyword_arguments(monkeypatch):
     assert (sa.model_path, sa.attention_backend, sa.disable_overlap_schedule) == ("m", "hybridkv", True)
     cfg = HybridKVConfig.from_env()
     assert (cfg.policy, cfg.budget_tokens) == ("snapkv", 64)
+    # On CUDA, as on the command line: breakable decode graphs unless the engine's caller chose otherwise.
+    sa = Engine.server_args_class(model_path="m", device="cuda", kv_compression="hybridkv")
+    assert (sa.cuda_graph_backend_decode, sa.disable_prefill_cuda_graph) == ("breakable", True)
+    sa = Engine.server_args_class(model_path="m", device="cuda", kv_compression="hybridkv", disable_cuda_graph=True)
+    assert sa.cuda_graph_backend_decode is None and sa.disable_cuda_graph
+    with pytest.raises(ConfigError, match="full decode CUDA graphs"):
+        Engine.server_args_class(model_path="m", device="cuda", kv_compression="hybridkv",
+                                 cuda_graph_backend_decode="full")
     # A later engine without the flag in the same process runs uncompressed.
     sa = Engine.server_args_class(model_path="m", device="cpu")
     assert sa.attention_backend is None and HybridKVConfig.from_env() is None
