@@ -7,7 +7,8 @@ GQA group as query heads (``N = B * H``). Each sequence's rows of the pool view 
 - *kept*: the head's kept prompt tokens (static heads: the text-prior pick; dynamic heads: text, sink and
   window); empty for uncompressed requests;
 - *buffer*: a dynamic head's retrieval buffer, refilled each step (or every ``retrieval_interval`` steps)
-  with the chunks its current query scores highest, copied from the host tier;
+  with the chunks its current query scores highest; only chunks it does not hold yet are copied from the
+  host tier;
 - *tail*: the tokens after the compressed prompt, read through SGLang's ``req_to_token`` (generated
   tokens; for an uncompressed request, all of its tokens).
 
