@@ -150,7 +150,7 @@ def attend_fn(pool: PoolBatch, plan, q: torch.Tensor):
     """Every layer's attention of one step on a built plan (the part a decode CUDA graph replays)."""
     def attend():
         for l in range(LAYERS):
-            plan.attend(l, q, pool.k[l], pool.v[l], pool.row_src[l], pool.host, D ** -0.5)
+            plan.attend(l, q, pool.k[l], pool.v[l], pool.buffers, pool.host, D ** -0.5)
 
     return attend
 

@@ -23,7 +23,7 @@ from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import 
 
 from ..config import HybridKVConfig
 from .compaction import CompactionBatch
-from .decode_plan import DecodePlan, DecodePlanner
+from .decode_plan import DecodePlan, DecodePlanner, RetrievalBuffers
 from .host_tier import HostTier
 from .regions import Regions
 
@@ -48,10 +48,7 @@ class HybridKVMixin:
         self.host = HostTier(num_layers, config.chunk_size, head_dim, k0.dtype, device=k0.device)
         self.regions = Regions(self.allocator.free, self.host, model_runner.max_total_num_tokens)
         self.req_to_token_pool.attach_aux_cache(self.regions)  # SGLang frees regions with their rows
-        # Per layer, the host-tier row each retrieval-buffer row holds (-1: none), so a step copies only the
-        # chunks not already there; 4 bytes per pool row and layer, a fixed cost of the server, not of a request.
-        self.row_src = torch.full((num_layers, k0.shape[0] * self.num_kv_heads), -1, dtype=torch.int32,
-                                  device=k0.device)
+        self.buffers = RetrievalBuffers(num_layers, k0.shape[0] * self.num_kv_heads, k0.device)
         self.planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
                                      config.chunk_score_scale, k0.device)
         # Extend chunks of already-compacted requests (outputs re-prefilled after a retraction) replay decode
@@ -119,7 +116,7 @@ class HybridKVMixin:
             q2, o2 = q.reshape(-1, width), o.view(-1, width)
             for first, plans in self._replays:
                 for i, plan in enumerate(plans):
-                    o2[first + i] = plan.attend(lid, q2[first + i: first + i + 1], k_buf, v_buf, self.row_src[lid],
+                    o2[first + i] = plan.attend(lid, q2[first + i: first + i + 1], k_buf, v_buf, self.buffers,
                                                 self.host, layer.scaling)[0].to(o.dtype)
         c = self._compaction
         if c is None or layer.is_cross_attention:
@@ -147,7 +144,7 @@ class HybridKVMixin:
         lid = layer.layer_id
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         return self._plan.attend(lid, q, self.token_to_kv_pool.get_key_buffer(lid),
-                                 self.token_to_kv_pool.get_value_buffer(lid), self.row_src[lid], self.host,
+                                 self.token_to_kv_pool.get_value_buffer(lid), self.buffers, self.host,
                                  layer.scaling)
 
 

@@ -58,6 +58,21 @@ class _Tables:
     interval: torch.Tensor  # (B,) retrieval interval
 
 
+class RetrievalBuffers:
+    """What the retrieval buffers hold, owned by the backend and updated by every plan: per layer, the host-tier
+    row each pool row holds (``-1``: none; 4 bytes per pool row and layer, a fixed cost of the server, not of a
+    request), and running counts of buffer rows selected and rows copied from the host tier (device tensors,
+    read only when reported, so no step waits on them)."""
+
+    def __init__(self, num_layers: int, rows: int, device: torch.device | str) -> None:
+        self.src = torch.full((num_layers, rows), -1, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(2, dtype=torch.long, device=device)  # rows selected, rows copied
+
+    def totals(self) -> dict[str, int]:
+        selected, copied = self.counts.tolist()
+        return {"retrieval_rows_selected": selected, "retrieval_rows_copied": copied}
+
+
 class DecodePlan:
     """One decode forward batch's attention metadata. See the module docstring."""
 
@@ -70,14 +85,13 @@ class DecodePlan:
         self.h, self.chunk, self.score_scale = num_kv_heads, chunk, score_scale
 
     def attend(self, layer_id: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-               row_src: torch.Tensor, host: HostTier, scaling: float) -> torch.Tensor:
+               buffers: RetrievalBuffers, host: HostTier, scaling: float) -> torch.Tensor:
         """Decode attention of one layer for the whole batch.
 
         Args:
             q: ``(B, Hq * D)`` this step's queries.
             k_buffer, v_buffer: ``(slots, H, D)`` the layer's pool buffers (this step's KV already written).
-            row_src: ``(slots * H,)`` int32, the layer's retrieval-buffer state: the host-tier row each pool row
-                holds, ``-1`` for none (updated in place by the retrieval).
+            buffers: what the retrieval buffers hold (updated in place by this layer's retrieval).
         Returns: ``(B, Hq * D)``.
         """
         t = self.t
@@ -85,24 +99,25 @@ class DecodePlan:
         k_rows, v_rows = k_buffer.view(-1, d), v_buffer.view(-1, d)
         qg = q.view(q.shape[0] * self.h, -1, d)  # (N, group, D): query head j belongs to KV head j // group
         if t.k_max:
-            self._retrieve(layer_id, qg, k_rows, v_rows, row_src, host)
+            self._retrieve(layer_id, qg, k_rows, v_rows, buffers, host)
         buf = t.buf_rows[layer_id]
-        buf_valid = (row_src[buf] >= 0) & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
+        buf_valid = (buffers.src[layer_id][buf] >= 0) & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
         idx = torch.cat([t.kept_rows[layer_id], buf, self.tail_rows], dim=1)
         valid = torch.cat([t.kept_valid[layer_id], buf_valid, self.tail_valid], dim=1)
         return row_decode(qg, k_rows, v_rows, idx, valid, scaling).view(q.shape)
 
     def _retrieve(self, layer_id: int, qg: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                  row_src: torch.Tensor, host: HostTier) -> None:
+                  buffers: RetrievalBuffers, host: HostTier) -> None:
         """Score every dynamic head's chunks and bring the top-k into its buffer, copying only the chunks not
         already there (fixed shapes, no host sync).
 
-        A buffer is ``k_max`` slots of ``chunk`` rows; a slot's first row says (``row_src``) which chunk it holds.
+        A buffer is ``k_max`` slots of ``chunk`` rows; a slot's first row says (``buffers.src``) which chunk it holds.
         Selected chunks already resident keep their slot; the others are copied from the host tier into the
         slots whose chunk was dropped, the j-th missing chunk into the j-th free slot.
         """
         t, c, k = self.t, self.chunk, self.t.k_max
         n, dev = qg.shape[0], qg.device
+        row_src = buffers.src[layer_id]
         scores = score_chunks_rows(qg, k_rows, v_rows, t.sum_rows[layer_id], t.n_chunks[layer_id], self.score_scale)
         ids, ok = select_chunks(scores, t.top_k[layer_id] * self.refresh, k)  # (N, K)
         pages, buf = t.host_pages[layer_id], t.buf_rows[layer_id]
@@ -141,6 +156,8 @@ class DecodePlan:
         copy_rows(host.k[layer_id].view(-1, d), torch.where(load_ok, src, 0), k_rows, torch.where(load_ok, dst, 0))
         copy_rows(host.v[layer_id].view(-1, d), torch.where(load_ok, src, 0), v_rows, torch.where(load_ok, dst, 0))
         # A loaded row records its source; a slot whose chunk was dropped and not refilled is emptied.
+        kept_row = write & kept[seq, slot] & (row_src[dst] >= 0)
+        buffers.counts += torch.stack([(kept_row | load_ok).sum(), load_ok.sum()])
         changed = load | (write & ~kept[seq, slot])
         row_src.index_copy_(0, torch.where(changed, dst, 0), torch.where(load_ok, src, -1).to(row_src.dtype))
         row_src[:1].fill_(-1)  # an in-place fill, not a host->device copy: CUDA-graph capturable

@@ -178,6 +178,7 @@ def _report_state(result, self, *args, **kwargs):
             "host_tier_pages_used": regions.host.used_pages,
             "decode_batches": backend.decode_batches, "decode_plans_built": backend.planner.builds,
             "decode_table_builds": backend.planner.table_builds,
+            **backend.buffers.totals(),  # dynamic heads' host-tier traffic: rows copied of the rows selected
         })
     result.internal_state["hybridkv"] = state
     return result

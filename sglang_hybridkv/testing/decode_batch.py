@@ -11,7 +11,7 @@ from ..core.cache import CompressedLayer
 from ..core.compress import plan_layer, prompt_media_mask
 from ..core.policies import make_policy
 from ..runtime import pool_region
-from ..runtime.decode_plan import DecodePlanner
+from ..runtime.decode_plan import DecodePlanner, RetrievalBuffers
 from ..runtime.host_tier import HostTier
 from ..runtime.regions import Region, Regions
 
@@ -29,7 +29,7 @@ class PoolBatch:
         self.freed: list[torch.Tensor] = []
         self.host = HostTier(num_layers, chunk, d, dtype, device=device)
         self.regions = Regions(self.freed.append, self.host, slots)
-        self.row_src = torch.full((num_layers, slots * h), -1, dtype=torch.int32, device=device)
+        self.buffers = RetrievalBuffers(num_layers, slots * h, device)
         self.planner = DecodePlanner(self.regions, num_layers, h, chunk, 0.25, self.device)
 
     def alloc(self, n: int) -> torch.Tensor:

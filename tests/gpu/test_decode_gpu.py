@@ -86,11 +86,11 @@ def test_triton_decode_matches_torch_path_on_a_pool_batch(dtype):
     pool, rows, lens = _batch(dtype)
     plan = pool.planner.build(rows, lens, pool.req_to_token)
     q = torch.randn(len(rows), H * GROUP * D, device="cuda", dtype=dtype)
-    out = plan.attend(0, q, pool.k[0], pool.v[0], pool.row_src[0], pool.host, D ** -0.5)
+    out = plan.attend(0, q, pool.k[0], pool.v[0], pool.buffers, pool.host, D ** -0.5)
     # Same retrieval (already copied), attention by the torch reference.
     t = plan.t
     idx = torch.cat([t.kept_rows[0], t.buf_rows[0], plan.tail_rows], 1)
-    buf_ok = (pool.row_src[0][t.buf_rows[0]] >= 0) & (torch.arange(t.buf_rows.shape[-1], device="cuda")[None]
+    buf_ok = (pool.buffers.src[0][t.buf_rows[0]] >= 0) & (torch.arange(t.buf_rows.shape[-1], device="cuda")[None]
                                                    < t.buf_len[0][:, None])
     valid = torch.cat([t.kept_valid[0], buf_ok, plan.tail_valid], 1)
     qg = q.view(len(rows) * H, GROUP, D)
@@ -103,14 +103,14 @@ def test_one_layer_decode_is_cuda_graph_capturable():
     pool, rows, lens = _batch(torch.bfloat16)
     plan = pool.planner.build(rows, lens, pool.req_to_token)
     q = torch.randn(len(rows), H * GROUP * D, device="cuda", dtype=torch.bfloat16)
-    eager = plan.attend(1, q, pool.k[1], pool.v[1], pool.row_src[1], pool.host, D ** -0.5).clone()
+    eager = plan.attend(1, q, pool.k[1], pool.v[1], pool.buffers, pool.host, D ** -0.5).clone()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # warm up Triton's compilation outside the capture
-        plan.attend(1, q, pool.k[1], pool.v[1], pool.row_src[1], pool.host, D ** -0.5)
+        plan.attend(1, q, pool.k[1], pool.v[1], pool.buffers, pool.host, D ** -0.5)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = plan.attend(1, q, pool.k[1], pool.v[1], pool.row_src[1], pool.host, D ** -0.5)
+        out = plan.attend(1, q, pool.k[1], pool.v[1], pool.buffers, pool.host, D ** -0.5)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), eager.float(), rtol=1e-2, atol=1e-2)

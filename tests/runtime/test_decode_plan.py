@@ -58,7 +58,7 @@ def test_mixed_batch_equals_per_request_reference(h, group, interval):
             q = torch.randn(len(rows), h * group, D, generator=g)
             k_new, v_new = torch.randn(len(rows), h, D, generator=g), torch.randn(len(rows), h, D, generator=g)
             pool.k[l][new], pool.v[l][new] = k_new, v_new
-            out = plan.attend(l, q.reshape(len(rows), -1), pool.k[l], pool.v[l], pool.row_src[l], pool.host,
+            out = plan.attend(l, q.reshape(len(rows), -1), pool.k[l], pool.v[l], pool.buffers, pool.host,
                               D ** -0.5).view(len(rows), h * group, D)
             for i, ref in enumerate(refs):
                 if "layers" in ref:
@@ -96,14 +96,14 @@ def test_graph_padded_batch_gives_real_rows_the_same_attention():
         for l in range(LAYERS):
             pool.k[l][new], pool.v[l][new] = torch.randn(len(rows), h, D, generator=g), torch.randn(len(rows), h, D, generator=g)
             q = torch.randn(len(rows) + 4, h * group * D, generator=g)
-            want = plan.attend(l, q[:3], pool.k[l], pool.v[l], pool.row_src[l], pool.host, D ** -0.5)
-            held_before = pool.row_src[l].clone()
-            got = padded.attend(l, q, pool.k[l], pool.v[l], pool.row_src[l], pool.host, D ** -0.5)
+            want = plan.attend(l, q[:3], pool.k[l], pool.v[l], pool.buffers, pool.host, D ** -0.5)
+            held_before = pool.buffers.src[l].clone()
+            got = padded.attend(l, q, pool.k[l], pool.v[l], pool.buffers, pool.host, D ** -0.5)
             torch.testing.assert_close(got[:3], want, rtol=1e-5, atol=1e-5)
             # A padded row attends to one row per head, slot 0's: its output is that slot's values.
             slot0 = pool.v[l][0][:, None, :].expand(h, group, D).reshape(-1)
             torch.testing.assert_close(got[3:], slot0.expand(4, -1))
-            assert torch.equal(pool.row_src[l], held_before)  # the same chunks again; padded rows add none
+            assert torch.equal(pool.buffers.src[l], held_before)  # the same chunks again; padded rows add none
 
 
 def test_retrieval_copies_only_chunks_not_already_in_the_buffer():
@@ -124,21 +124,26 @@ def test_retrieval_copies_only_chunks_not_already_in_the_buffer():
         new = pool.alloc(1)
         pool.req_to_token[1, lens[0]] = int(new[0])
         lens = lens + 1
-        pool.planner.build([1], lens, pool.req_to_token).attend(0, q, pool.k[0], pool.v[0], pool.row_src[0],
+        pool.planner.build([1], lens, pool.req_to_token).attend(0, q, pool.k[0], pool.v[0], pool.buffers,
                                                                  pool.host, D ** -0.5)
 
     q = torch.randn(1, h * group * D, generator=g)
     step(q)  # first step: the whole selection is copied
-    held = pool.row_src[0].clone()
+    held = pool.buffers.src[0].clone()
     used = held >= 0
-    assert used.sum() > 32 and torch.equal(k_rows[used], host_k[held[used].long()])
+    n_used = int(used.sum())
+    assert n_used > 32 and torch.equal(k_rows[used], host_k[held[used].long()])
+    assert pool.buffers.totals() == {"retrieval_rows_selected": n_used, "retrieval_rows_copied": n_used}
     k_rows[used] = 1e3
     step(q)  # the same selection
-    assert torch.equal(pool.row_src[0], held) and bool((k_rows[used] == 1e3).all())
+    assert torch.equal(pool.buffers.src[0], held) and bool((k_rows[used] == 1e3).all())
+    assert pool.buffers.totals() == {"retrieval_rows_selected": 2 * n_used, "retrieval_rows_copied": n_used}
     step(q + 0.6 * torch.randn(q.shape, generator=g))  # part of the selection changes
-    now = pool.row_src[0]
+    now = pool.buffers.src[0]
     kept, loaded = used & (now == held), (now >= 0) & (now != held)
     assert kept.any() and loaded.any()
+    assert pool.buffers.totals() == {"retrieval_rows_selected": 2 * n_used + int((now >= 0).sum()),
+                                     "retrieval_rows_copied": n_used + int(loaded.sum())}
     assert bool((k_rows[kept] == 1e3).all())  # kept chunks were not copied again
     assert torch.equal(k_rows[loaded], host_k[now[loaded].long()])  # new chunks hold their host rows
     assert not bool((k_rows[loaded] == 1e3).any())
