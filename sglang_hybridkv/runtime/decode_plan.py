@@ -12,11 +12,14 @@ GQA group as query heads (``N = B * H``). Each sequence's rows of the pool view 
 - *tail*: the tokens after the compressed prompt, read through SGLang's ``req_to_token`` (generated
   tokens; for an uncompressed request, all of its tokens).
 
-Host work (``.tolist()``, region look-ups, padding) happens in :meth:`DecodePlan.build`. The per-layer path
-(:meth:`DecodePlan.attend`) is fixed-shape tensor work only: batched chunk scoring and top-k, one
-copy of the selected rows from the host tier into the buffers (``copy_rows``), one ``row_decode`` call. The plan's kept/buffer tables
-depend only on which requests are in the batch; :class:`DecodePlanner` reuses them while the batch
-composition and the set of regions are unchanged, so a steady decode step only rebuilds the tail block.
+Host work (``.tolist()``, region look-ups, padding) happens in :meth:`DecodePlanner.build`. The per-layer
+path (:meth:`DecodePlan.attend`) is fixed-shape tensor work only: batched chunk scoring and top-k over the
+layer's retrieving heads, one copy of the selected rows from the host tier into the buffers (``copy_rows``),
+one ``row_decode`` call. Retrieval runs over the batch's dynamic heads only, and a layer where the batch has
+none skips it (most layers at budget 0.1; its cost is per-op overhead, on a CPU and under eager launches on a
+GPU, more than arithmetic). The plan's kept/buffer tables depend only on which requests are in the batch;
+:class:`DecodePlanner` reuses them while the batch composition and the set of regions are unchanged, so a
+steady decode step only rebuilds the tail block.
 """
 
 from __future__ import annotations
@@ -34,25 +37,37 @@ from .regions import Regions
 
 
 @dataclass
+class _LayerRetrieval:
+    """One layer's sequences that retrieve chunks (dynamic heads of compressed requests), ``Nd`` of them, so that
+    scoring, top-k and the buffer update run over them only; a layer without any has no such object and skips
+    retrieval. The buffer rows are also listed flat (``M`` = the layer's buffer rows), with what every step's
+    update needs of each precomputed."""
+
+    seq: torch.Tensor  # (Nd,) the batch sequence each entry is
+    sum_rows: torch.Tensor  # (Nd, C)
+    n_chunks: torch.Tensor  # (Nd,)
+    host_pages: torch.Tensor  # (Nd, C)
+    top_k: torch.Tensor  # (Nd,)
+    k_max: int
+    slot_first: torch.Tensor  # (Nd, K) pool row of each buffer slot's first row
+    has_slot: torch.Tensor  # (Nd, K) bool
+    row_seq: torch.Tensor  # (M,) entry of each buffer row
+    row_slot: torch.Tensor  # (M,) its slot
+    row_off: torch.Tensor  # (M,) its offset in the slot
+    row_dst: torch.Tensor  # (M,) its pool row
+    row_n_host: torch.Tensor  # (M,) host-tier tokens of its head (a short last chunk leaves rows empty)
+
+
+@dataclass
 class _Tables:
     """The composition-dependent part of a plan, ``(L, N, ·)`` over the batch's flattened sequences."""
 
     key: tuple
     kept_rows: torch.Tensor  # (L, N, P)
     kept_valid: torch.Tensor  # (L, N, P) bool
-    sum_rows: torch.Tensor  # (L, N, C)
-    n_chunks: torch.Tensor  # (L, N)
-    host_pages: torch.Tensor  # (L, N, C)
-    n_host: torch.Tensor  # (L, N)
     buf_rows: torch.Tensor  # (L, N, R)
     buf_len: torch.Tensor  # (L, N)
-    # The buffer rows as one flat list per layer, (L, M) with M = max over layers of sum(buf_len): which
-    # sequence and column each is, and whether it is real (layers with fewer rows are padded).
-    buf_seq: torch.Tensor
-    buf_col: torch.Tensor
-    buf_live: torch.Tensor
-    top_k: torch.Tensor  # (L, N)
-    k_max: int
+    retrieval: list[_LayerRetrieval | None]  # per layer
     tail_start: torch.Tensor  # (B,) first position read through req_to_token
     decode_start: torch.Tensor  # (B,) sequence length at compaction (0 for uncompressed requests)
     interval: torch.Tensor  # (B,) retrieval interval
@@ -98,67 +113,61 @@ class DecodePlan:
         d = k_buffer.shape[-1]
         k_rows, v_rows = k_buffer.view(-1, d), v_buffer.view(-1, d)
         qg = q.view(q.shape[0] * self.h, -1, d)  # (N, group, D): query head j belongs to KV head j // group
-        if t.k_max:
-            self._retrieve(layer_id, qg, k_rows, v_rows, buffers, host)
+        if t.retrieval[layer_id] is not None:
+            self._retrieve(layer_id, t.retrieval[layer_id], qg, k_rows, v_rows, buffers, host)
         buf = t.buf_rows[layer_id]
         buf_valid = (buffers.src[layer_id][buf] >= 0) & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
         idx = torch.cat([t.kept_rows[layer_id], buf, self.tail_rows], dim=1)
         valid = torch.cat([t.kept_valid[layer_id], buf_valid, self.tail_valid], dim=1)
         return row_decode(qg, k_rows, v_rows, idx, valid, scaling).view(q.shape)
 
-    def _retrieve(self, layer_id: int, qg: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                  buffers: RetrievalBuffers, host: HostTier) -> None:
-        """Score every dynamic head's chunks and bring the top-k into its buffer, copying only the chunks not
-        already there (fixed shapes, no host sync).
+    def _retrieve(self, layer_id: int, r: _LayerRetrieval, qg: torch.Tensor, k_rows: torch.Tensor,
+                  v_rows: torch.Tensor, buffers: RetrievalBuffers, host: HostTier) -> None:
+        """Score the layer's retrieving heads' chunks and bring the top-k into their buffers, copying only the
+        chunks not already there (fixed shapes, no host sync).
 
         A buffer is ``k_max`` slots of ``chunk`` rows; a slot's first row says (``buffers.src``) which chunk it holds.
         Selected chunks already resident keep their slot; the others are copied from the host tier into the
         slots whose chunk was dropped, the j-th missing chunk into the j-th free slot.
         """
-        t, c, k = self.t, self.chunk, self.t.k_max
-        n, dev = qg.shape[0], qg.device
+        c, k = self.chunk, r.k_max
+        n, dev = r.seq.shape[0], qg.device
+        refresh, fresh = self.refresh[r.seq], self.fresh[r.seq]
         row_src = buffers.src[layer_id]
-        scores = score_chunks_rows(qg, k_rows, v_rows, t.sum_rows[layer_id], t.n_chunks[layer_id], self.score_scale)
-        ids, ok = select_chunks(scores, t.top_k[layer_id] * self.refresh, k)  # (N, K)
-        pages, buf = t.host_pages[layer_id], t.buf_rows[layer_id]
+        scores = score_chunks_rows(qg[r.seq], k_rows, v_rows, r.sum_rows, r.n_chunks, self.score_scale)
+        ids, ok = select_chunks(scores, r.top_k * refresh, k)  # (Nd, K)
+        pages = r.host_pages
         # Ascending chunk order: when every chunk is taken (the only case where a buffer is shorter than
         # k_max * chunk), a fresh buffer puts chunk i in slot i, so the short last chunk ends at the buffer's end.
         big = pages.shape[1]
         ids = torch.where(ok, ids, big).sort(dim=1).values
         ok = ids < big
-        ids = ids.clamp(max=max(big - 1, 0))
+        ids = ids.clamp(max=big - 1)
         want = torch.where(ok, pages.gather(1, ids) * c, -2)  # first host row of each selected chunk
-        slot_col = torch.arange(k, device=dev) * c
-        has_slot = slot_col[None] < t.buf_len[layer_id][:, None]  # (N, K)
-        first = buf.gather(1, slot_col.clamp(max=buf.shape[1] - 1)[None].expand(n, k))
-        held = torch.where(has_slot & ~self.fresh[:, None], row_src[first].long(), -1)
-        match = (want[:, :, None] == held[:, None, :]) & (held >= 0)[:, None, :]  # (N, selected, slot)
+        held = torch.where(r.has_slot & ~fresh[:, None], row_src[r.slot_first].long(), -1)
+        match = (want[:, :, None] == held[:, None, :]) & (held >= 0)[:, None, :]  # (Nd, selected, slot)
         kept = match.any(1)
         need = ok & ~match.any(2)
-        free_first = torch.sort((~(has_slot & ~kept)).to(torch.uint8), dim=1, stable=True).indices
+        free_first = torch.sort((~(r.has_slot & ~kept)).to(torch.uint8), dim=1, stable=True).indices
         target = free_first.gather(1, (need.cumsum(1) - 1).clamp(min=0))
         fill = torch.full((n, k + 1), -1, dtype=torch.long, device=dev)  # per slot: the selected entry loaded
         fill.scatter_(1, torch.where(need, target, k), torch.arange(k, device=dev).expand(n, k).contiguous())
-        fill = fill[:, :k]
-        # One entry per real buffer row (not per padded (sequence, column)): static heads and uncompressed
-        # requests copy nothing, and no two entries write the same pool row.
-        seq, col = t.buf_seq[layer_id], t.buf_col[layer_id]
-        slot, off = col // c, col % c
+        # One entry per buffer row: no two entries write the same pool row.
+        seq, slot, dst = r.row_seq, r.row_slot, r.row_dst
         entry = fill[seq, slot]
-        write = t.buf_live[layer_id] & self.refresh[seq]
+        write = refresh[seq]
         load = write & (entry >= 0)
         chunk_id = ids[seq, entry.clamp(min=0)]
-        load_ok = load & (chunk_id * c + off < t.n_host[layer_id][seq])  # a short last chunk leaves rows empty
-        src = pages[seq, chunk_id] * c + off
-        dst = buf[seq, col]
-        # Entries that copy nothing go to the pool's padding row 0.
+        load_ok = load & (chunk_id * c + r.row_off < r.row_n_host)
+        src = torch.where(load_ok, pages[seq, chunk_id] * c + r.row_off, 0)
+        dst_ok = torch.where(load_ok, dst, 0)  # entries that copy nothing go to the pool's padding row 0
         d = k_rows.shape[1]
-        copy_rows(host.k[layer_id].view(-1, d), torch.where(load_ok, src, 0), k_rows, torch.where(load_ok, dst, 0))
-        copy_rows(host.v[layer_id].view(-1, d), torch.where(load_ok, src, 0), v_rows, torch.where(load_ok, dst, 0))
+        copy_rows(host.k[layer_id].view(-1, d), src, k_rows, dst_ok)
+        copy_rows(host.v[layer_id].view(-1, d), src, v_rows, dst_ok)
         # A loaded row records its source; a slot whose chunk was dropped and not refilled is emptied.
-        kept_row = write & kept[seq, slot] & (row_src[dst] >= 0)
-        buffers.counts += torch.stack([(kept_row | load_ok).sum(), load_ok.sum()])
-        changed = load | (write & ~kept[seq, slot])
+        stays = write & kept[seq, slot]
+        buffers.counts += torch.stack([((stays & (row_src[dst] >= 0)) | load_ok).sum(), load_ok.sum()])
+        changed = load | (write & ~stays)
         row_src.index_copy_(0, torch.where(changed, dst, 0), torch.where(load_ok, src, -1).to(row_src.dtype))
         row_src[:1].fill_(-1)  # an in-place fill, not a host->device copy: CUDA-graph capturable
 
@@ -205,7 +214,7 @@ class DecodePlanner:
         p, c, r = dim("kept_rows"), dim("sum_rows"), dim("buf_rows")
         L, h, dev = self.num_layers, self.h, self.device
 
-        def stack(name: str, width: int | None) -> torch.Tensor:
+        def stack(name: str, width: int | None) -> torch.Tensor:  # on the host (regions keep their tables there)
             parts = []
             for reg in regions:
                 if reg is None:
@@ -215,37 +224,44 @@ class DecodePlanner:
                     x = getattr(reg.tables, name)
                     parts.append(F.pad(x, (0, width - x.shape[-1])) if width is not None else x)
             out = torch.stack(parts, dim=1)  # (L, B, H, ...)
-            return out.reshape(L, len(rows) * h, *out.shape[3:]).to(dev)
+            return out.reshape(L, len(rows) * h, *out.shape[3:])
 
-        kept_len = stack("kept_len", None)
-        top_k = stack("top_k", None)
-        buf_len = stack("buf_len", None).cpu()
+        kept_len = stack("kept_len", None).to(dev)
+        buf_rows, buf_len = stack("buf_rows", r), stack("buf_len", None)
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
-        buf_seq, buf_col, buf_live = self._flat_buffers(buf_len)
         return _Tables(
             key=key,
-            kept_rows=stack("kept_rows", p),
+            kept_rows=stack("kept_rows", p).to(dev),
             kept_valid=torch.arange(p, device=dev)[None, None] < kept_len[..., None],
-            sum_rows=stack("sum_rows", c), n_chunks=stack("n_chunks", None), host_pages=stack("host_pages", c),
-            n_host=stack("n_host", None), buf_rows=stack("buf_rows", r), buf_len=buf_len.to(dev),
-            buf_seq=buf_seq.to(dev), buf_col=buf_col.to(dev), buf_live=buf_live.to(dev),
-            top_k=top_k, k_max=int(top_k.max()) if top_k.numel() else 0,
+            buf_rows=buf_rows.to(dev), buf_len=buf_len.to(dev),
+            retrieval=self._retrieval(stack("top_k", None), buf_len, buf_rows, stack("sum_rows", c),
+                                      stack("n_chunks", None), stack("host_pages", c), stack("n_host", None)),
             tail_start=as_t([0 if g is None else g.prompt_len for g in regions]),
             decode_start=as_t([0 if g is None else g.decode_start for g in regions]),
             interval=as_t([1 if g is None else g.retrieval_interval for g in regions]),
         )
 
-    @staticmethod
-    def _flat_buffers(buf_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(L, N)`` buffer lengths -> per layer, the (sequence, column) of every buffer row, padded to M."""
-        per_layer = buf_len.sum(1)
-        m = int(per_layer.max()) if buf_len.numel() else 0
-        seq = torch.zeros(buf_len.shape[0], m, dtype=torch.long)
-        col = torch.zeros_like(seq)
-        for l in range(buf_len.shape[0]):
-            n = int(per_layer[l])
-            s_l = torch.repeat_interleave(torch.arange(buf_len.shape[1]), buf_len[l])
-            starts = torch.cumsum(buf_len[l], 0) - buf_len[l]
-            seq[l, :n], col[l, :n] = s_l, torch.arange(n) - starts[s_l]
-        live = torch.arange(m)[None] < per_layer[:, None]
-        return seq, col, live
+    def _retrieval(self, top_k: torch.Tensor, buf_len: torch.Tensor, buf_rows: torch.Tensor, sum_rows: torch.Tensor,
+                   n_chunks: torch.Tensor, host_pages: torch.Tensor, n_host: torch.Tensor) -> list[_LayerRetrieval | None]:
+        """Each layer's retrieving sequences (``top_k > 0``), from the ``(L, N, ·)`` tables (on the host here)."""
+        out: list[_LayerRetrieval | None] = []
+        dev, c = self.device, self.chunk
+        for l in range(top_k.shape[0]):
+            seq = torch.nonzero(top_k[l] > 0).flatten()
+            if seq.numel() == 0:
+                out.append(None)
+                continue
+            k = int(top_k[l, seq].max())
+            blen, bufs = buf_len[l, seq], buf_rows[l, seq]
+            slot_col = torch.arange(k) * c
+            row_seq = torch.repeat_interleave(torch.arange(seq.numel()), blen)
+            row_col = torch.arange(row_seq.numel()) - (torch.cumsum(blen, 0) - blen)[row_seq]
+            to = lambda x: x.to(dev)
+            out.append(_LayerRetrieval(
+                seq=to(seq), sum_rows=to(sum_rows[l, seq]), n_chunks=to(n_chunks[l, seq]),
+                host_pages=to(host_pages[l, seq]), top_k=to(top_k[l, seq]), k_max=k,
+                slot_first=to(bufs[:, slot_col.clamp(max=max(bufs.shape[1] - 1, 0))]),
+                has_slot=to(slot_col[None] < blen[:, None]),
+                row_seq=to(row_seq), row_slot=to(row_col // c), row_off=to(row_col % c),
+                row_dst=to(bufs[row_seq, row_col]), row_n_host=to(n_host[l, seq][row_seq])))
+        return out

@@ -3,6 +3,7 @@
 with the per-request torch reference (``core.attention.decode_attention``) step by step."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from sglang_hybridkv.testing.decode_batch import PoolBatch
 D, LAYERS = 64, 2
 
 
-def _request(pool, row, policy, budget, prompt_len, group, seed, interval=1):
+def _request(pool, row, policy, budget, prompt_len, group, seed, interval=1, head_profile=None):
     """A random prompt, compressed into ``pool`` (or kept whole) -> what the reference decode needs."""
     g = torch.Generator().manual_seed(seed)
     h, w = pool.h, 8
@@ -23,7 +24,8 @@ def _request(pool, row, policy, budget, prompt_len, group, seed, interval=1):
     if policy is None:
         pool.add_uncompressed(row, keys, values)
         return {"keys": keys, "values": values}
-    cfg = HybridKVConfig(policy=policy, budget=budget, window=w, retrieval_interval=interval)
+    cfg = HybridKVConfig(policy=policy, budget=budget, window=w, retrieval_interval=interval,
+                         head_profile=head_profile)
     q_win = [torch.randn(h * group, w, D, generator=g) for _ in range(LAYERS)]
     layers = pool.add_compressed(row, cfg, keys, values, q_win, D ** -0.5)
     return {"layers": {l: copy.deepcopy(cl) for l, cl in layers.items()}}
@@ -36,24 +38,17 @@ def _full_attention(q, keys, values, scale):
     return torch.einsum("hl,hld->hd", p, v)
 
 
-@pytest.mark.parametrize("h,group", [(1, 1), (2, 2), (3, 7)])
-@pytest.mark.parametrize("interval", [1, 3])
-def test_mixed_batch_equals_per_request_reference(h, group, interval):
-    pool = PoolBatch(LAYERS, h, D, 3000)
-    specs = [("hybridkv", 0.1, 203), ("all_dynamic", 0.3, 150), (None, 1.0, 90), ("snapkv", 0.2, 61),
-             ("hybridkv", 1.0, 37)]
-    rows = [1, 2, 3, 5, 6]
-    refs = [_request(pool, r, p, b, n, group, seed=r, interval=interval) for r, (p, b, n) in zip(rows, specs)]
-    planner = pool.planner
+def _decode_against_reference(pool, rows, specs, refs, h, group, interval, steps):
+    """``steps`` decode steps of the batch, every layer's output compared with each request's reference."""
     g = torch.Generator().manual_seed(99)
     lens = torch.tensor([n for _, _, n in specs])
-    for step in range(5):
+    for step in range(steps):
         # This step's token: a new slot per request, its KV written to the pool first (as forward_decode does).
         new = pool.alloc(len(rows))
         for i, r in enumerate(rows):
             pool.req_to_token[r, lens[i]] = int(new[i])
         lens = lens + 1
-        plan = planner.build(rows, lens, pool.req_to_token)
+        plan = pool.planner.build(rows, lens, pool.req_to_token)
         for l in range(LAYERS):
             q = torch.randn(len(rows), h * group, D, generator=g)
             k_new, v_new = torch.randn(len(rows), h, D, generator=g), torch.randn(len(rows), h, D, generator=g)
@@ -69,7 +64,36 @@ def test_mixed_batch_equals_per_request_reference(h, group, interval):
                     ref["values"][l] = torch.cat([ref["values"][l], v_new[i][:, None]], 1)
                     want = _full_attention(q[i], ref["keys"][l], ref["values"][l], D ** -0.5)
                 torch.testing.assert_close(out[i], want, rtol=1e-4, atol=1e-4, msg=f"request {i} layer {l} step {step}")
-    assert planner.builds == 5 and planner.table_builds == 1  # tables reused while the batch is unchanged
+
+
+@pytest.mark.parametrize("h,group", [(1, 1), (2, 2), (3, 7)])
+@pytest.mark.parametrize("interval", [1, 3])
+def test_mixed_batch_equals_per_request_reference(h, group, interval):
+    pool = PoolBatch(LAYERS, h, D, 3000)
+    specs = [("hybridkv", 0.1, 203), ("all_dynamic", 0.3, 150), (None, 1.0, 90), ("snapkv", 0.2, 61),
+             ("hybridkv", 1.0, 37)]
+    rows = [1, 2, 3, 5, 6]
+    refs = [_request(pool, r, p, b, n, group, seed=r, interval=interval) for r, (p, b, n) in zip(rows, specs)]
+    _decode_against_reference(pool, rows, specs, refs, h, group, interval, steps=5)
+    assert pool.planner.builds == 5 and pool.planner.table_builds == 1  # tables reused while the batch is unchanged
+
+
+def test_layer_without_dynamic_heads_in_the_batch_skips_retrieval(tmp_path):
+    """Retrieval runs only over the batch's dynamic heads: with every head of layer 0 static and one dynamic
+    head in layer 1, layer 0 has nothing to score or copy, and both layers still give the reference output."""
+    h, group = 2, 3
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"static": [[True, True], [False, True]]}))
+    pool = PoolBatch(LAYERS, h, D, 3000)
+    specs = [("hybridkv", 0.2, 203), ("snapkv", 0.2, 150), (None, 1.0, 90)]
+    rows = [1, 2, 3]
+    refs = [_request(pool, r, p, b, n, group, seed=r, head_profile=str(profile) if p == "hybridkv" else None)
+            for r, (p, b, n) in zip(rows, specs)]
+    retrieval = pool.planner.build(rows, torch.tensor([n for _, _, n in specs]), pool.req_to_token).t.retrieval
+    assert retrieval[0] is None and retrieval[1].seq.tolist() == [0]  # request 0, KV head 0
+    _decode_against_reference(pool, rows, specs, refs, h, group, 1, steps=3)
+    assert (pool.buffers.src[0] < 0).all() and (pool.buffers.src[1] >= 0).any()
+    assert pool.buffers.totals()["retrieval_rows_selected"] > 0
 
 
 def test_graph_padded_batch_gives_real_rows_the_same_attention():
