@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-TRITON_INTERPRET=1 exec .venv/bin/python -m pytest -q "$@"
+TRITON_INTERPRET=1 exec .venv/bin/python -m pytest -q --durations=15 "$@"
