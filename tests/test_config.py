@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 
 import pytest
 
@@ -96,3 +97,63 @@ def test_budget_tokens_is_the_other_way_to_give_the_budget():
         cfg.with_request({"budget": 0.2, "budget_tokens": 50})
     with pytest.raises(ConfigError, match="budget_tokens=-3"):
         cfg.with_request({"budget_tokens": -3})
+
+
+def test_every_knob_is_one_declaration_that_drives_validation_cli_and_requests():
+    import dataclasses
+
+    from sglang_hybridkv.config import REQUEST_FIELDS, spec
+
+    parser = argparse.ArgumentParser()
+    HybridKVConfig.add_cli_args(parser)
+    dests = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(HybridKVConfig):
+        k = spec(f)  # every field declares its Knob
+        assert (f"hybridkv_{f.name}" in dests) == k.flag
+        assert (f.name in REQUEST_FIELDS) == k.per_request
+    assert REQUEST_FIELDS == ("policy", "budget", "budget_tokens", "theta", "static_ratio", "top_k_chunks",
+                              "retrieval_interval")
+    # The flag's help names the range from the same declaration that validates it.
+    help_text = parser.format_help()
+    assert "(0.0, 1.0]" in help_text and "a request may override it" in help_text
+
+
+def test_host_tier_limit_is_a_validated_knob():
+    parser = argparse.ArgumentParser()
+    HybridKVConfig.add_cli_args(parser)
+    args = ["--kv-compression", "hybridkv", "--hybridkv-host-tier-gb"]
+    assert HybridKVConfig.from_cli(parser.parse_args(args + ["2.5"])).host_tier_gb == 2.5
+    assert HybridKVConfig.from_cli(parser.parse_args(args + ["auto"])).host_tier_gb is None
+    for bad, words in ((0, "host_tier_gb=0 is out of range"), (-1.0, "(0.0, "), ("8", "a number")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            HybridKVConfig(host_tier_gb=bad)
+
+
+@pytest.mark.parametrize("switch,allowed,refused", [
+    ("all", [{"policy": "full"}, {"budget": 1.0}, {"theta": 0.5}], []),
+    ("budget", [{"budget": 0.3}, {"budget_tokens": 64}], [{"policy": "full"}, {"theta": 0.5}]),
+    ("none", [], [{"budget": 0.3}, {"policy": "none"}]),
+    ("policy,theta", [{"policy": "snapkv", "theta": 0.5}], [{"budget": 1.0}, {"policy": "full", "budget": 1.0}]),
+])
+def test_operator_switch_for_per_request_overrides(switch, allowed, refused):
+    server = HybridKVConfig(request_overrides=switch)
+    for params in allowed:
+        cfg = server.with_request(params)
+        assert all(getattr(cfg, k) == v for k, v in params.items())
+    for params in refused:
+        with pytest.raises(ConfigError) as e:
+            server.with_request(params)
+        assert f"--hybridkv-request-overrides {switch}" in str(e.value) and "may not be set per request" in str(e.value)
+    # A knob no request may set is refused as before, whatever the switch.
+    with pytest.raises(ConfigError, match="cannot be set per request"):
+        server.with_request({"chunk_size": 8})
+    # The switch survives the trip to scheduler processes.
+    assert HybridKVConfig.from_env({ENV_VAR: server.to_json()}) == server
+
+
+def test_operator_switch_values_are_validated():
+    assert HybridKVConfig().request_overrides == "all"  # default: as before the switch
+    for bad in ("some", "policy,chunk_size", ""):
+        with pytest.raises(ConfigError) as e:
+            HybridKVConfig(request_overrides=bad)
+        assert f"request_overrides={bad!r}" in str(e.value) and "'budget'" in str(e.value)

@@ -25,6 +25,19 @@ the policies gather the per-head figures the budget allocation needs (``core/sha
 budgets are the one-rank ones; at commit the ranks take the largest slot count any of them needs (SGLang's
 scheduler runs on every rank with one slot pool per rank, and their allocations must stay identical), and the
 stats are summed over ranks (only rank 0's output reaches the tokenizer manager).
+
+Faults are contained per request: an exception in a request's compaction (any layer, or commit) aborts that
+request — SGLang finishes it after this forward with an HTTP 500 naming the stage and the error — and returns
+what it took (pool slots, host pages; its staging slots and radix lock go back through SGLang's own release of
+an aborted request), while the batch's other requests go on. Aborting rather than serving it uncompressed:
+with the radix cache off, commit has already given the prompt's staging slots back (the region reuses them),
+so after a late fault the full prompt KV no longer exists. A fault must reach every rank alike under tensor
+parallelism (a rank that raises alone leaves the others in a collective). ``FAULT_ENV`` injects faults for
+tests.
+
+The host tier has a limit (``host_tier.HostTier``): a request whose dynamic heads need more pages than the tier
+has left is planned again with every head static (policy ``all_static``: it needs no host pages), and its
+stats say ``host_tier_fallback``.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +64,11 @@ from .regions import Region, Regions
 from .requests import RequestHandle
 
 logger = logging.getLogger("sglang_hybridkv")
+
+# Fault injection for tests: comma-separated "<stage>:<rid prefix>" items make stage "layer" (after_layer) or
+# "commit" (after the request's slots and host pages were taken and written) raise for requests whose id starts
+# with the prefix.
+FAULT_ENV = "SGLANG_HYBRIDKV_TEST_FAULT"
 
 
 @dataclass
@@ -96,7 +115,7 @@ class CompactionBatch:
         for i, row in enumerate(rows):
             item = incoming.get(row)
             q_len = int(ext[i])
-            if item is not None:
+            if item is not None and item[0].error is None:  # an aborted request compacts nothing more
                 handle, full_len = item
                 end, start = int(seq_lens[i]), int(seq_lens[i]) - q_len
                 w = handle.window
@@ -124,38 +143,49 @@ class CompactionBatch:
             k_cache, v_cache: ``(slots, H, D)`` the layer's pool buffers (this chunk already written).
         """
         q_all = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        lid = layer.layer_id
         for e in self.entries:
-            h = e.handle
-            w = h.window
-            first = h.prompt_len - w
-            lo, hi = max(first, e.pos_start), min(h.prompt_len, e.pos_end)
-            if lo < hi:
-                buf = h.q_window.get(lid)
-                if buf is None:
-                    buf = h.q_window[lid] = q_all.new_zeros(layer.tp_q_head_num, w, layer.qk_head_dim)
-                buf[:, lo - first: hi - first] = q_all[e.q_start + lo - e.pos_start: e.q_start + hi - e.pos_start].transpose(0, 1)
-                if lid == 0:
-                    h.q_filled[lo - first: hi - first] = True
-            if not e.finishing or not bool(h.q_filled.all()):
+            if e.handle.error is not None:
                 continue
-            slots = req_to_token[e.row, : h.prompt_len].long()
-            keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
-            policy = _policy(h.config)
-            if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
-                e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, e.media_mask, tp_shard())
-                e.scaling[lid] = layer.scaling
-                continue
-            cl = self._plan(e, lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)
-            if e.pos_end > h.prompt_len:  # outputs re-prefilled after a retraction
-                first = e.q_start + h.prompt_len - e.pos_start
-                last = e.q_start + e.pos_end - e.pos_start
-                out_slots = req_to_token[e.row, h.prompt_len: e.pos_end].long()
-                replay = copy.copy(cl)  # decode_attention appends to its layer: keep ``cl`` as compacted
-                o_view = o.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-                o_view[first:last] = decode_attention(
-                    replay, q_all[first:last], k_cache[out_slots], v_cache[out_slots], layer.scaling,
-                    h.config.retrieval_interval, h.config.chunk_score_scale).to(o.dtype)
+            try:
+                self._layer(e, layer, q_all, o, k_cache, v_cache, req_to_token)
+            except Exception as exc:  # noqa: BLE001 - contained: this request is aborted, the batch goes on
+                self._fail(e, f"layer {layer.layer_id}", exc)
+
+    def _layer(self, e: _Entry, layer, q_all: torch.Tensor, o: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, req_to_token: torch.Tensor) -> None:
+        """:meth:`after_layer` for one request (``q_all``: ``(tokens, Hq, D)``)."""
+        lid = layer.layer_id
+        h = e.handle
+        w = h.window
+        first = h.prompt_len - w
+        lo, hi = max(first, e.pos_start), min(h.prompt_len, e.pos_end)
+        if lo < hi:
+            buf = h.q_window.get(lid)
+            if buf is None:
+                buf = h.q_window[lid] = q_all.new_zeros(layer.tp_q_head_num, w, layer.qk_head_dim)
+            buf[:, lo - first: hi - first] = q_all[e.q_start + lo - e.pos_start: e.q_start + hi - e.pos_start].transpose(0, 1)
+            if lid == 0:
+                h.q_filled[lo - first: hi - first] = True
+        if not e.finishing or not bool(h.q_filled.all()):
+            return
+        _inject("layer", h.rid)
+        slots = req_to_token[e.row, : h.prompt_len].long()
+        keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
+        policy = _policy(h.config)
+        e.scaling[lid] = layer.scaling
+        if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
+            e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, e.media_mask, tp_shard())
+            return
+        cl = self._plan(e, lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)
+        if e.pos_end > h.prompt_len:  # outputs re-prefilled after a retraction
+            first = e.q_start + h.prompt_len - e.pos_start
+            last = e.q_start + e.pos_end - e.pos_start
+            out_slots = req_to_token[e.row, h.prompt_len: e.pos_end].long()
+            replay = copy.copy(cl)  # decode_attention appends to its layer: keep ``cl`` as compacted
+            o_view = o.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            o_view[first:last] = decode_attention(
+                replay, q_all[first:last], k_cache[out_slots], v_cache[out_slots], layer.scaling,
+                h.config.retrieval_interval, h.config.chunk_score_scale).to(o.dtype)
 
     def _plan(self, e: _Entry, lid: int, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> CompressedLayer:
         """Plan layer ``lid`` of ``e`` (``(H, L, D)`` prompt KV) and keep its compact copy."""
@@ -167,70 +197,161 @@ class CompactionBatch:
 
     # ---- after the last layer -----------------------------------------------------------------------
     def commit(self, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier) -> None:
-        """Move each finishing request's compressed prompt into the pool."""
-        shard = tp_shard()
+        """Move each finishing request's compressed prompt into the pool; a request whose commit raises is
+        aborted and gives back what it took (see the module docstring)."""
         for e in self.finishing:
-            h = e.handle
-            if e.priors and len(e.priors) == kv_pool.layer_num:  # every layer seen: the prior, then the plans
-                h.prior = cross_layer_prior(e.priors, kv_pool.layer_num)
-                slots = req_to_token_pool.req_to_token[e.row, : h.prompt_len].long()
-                for lid in sorted(e.priors):
-                    k_buf, v_buf = kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid)
-                    self._plan(e, lid, k_buf[slots].transpose(0, 1), v_buf[slots].transpose(0, 1), e.scaling[lid])
-            h.q_window, h.q_filled = {}, None
-            if len(e.layers) != kv_pool.layer_num:
-                logger.warning("hybridkv: request %s stays uncompressed: its observation window was not fully "
-                               "computed in this prefill", h.rid)
-                h.stats = {"policy": h.config.policy, "compressed": False, "prompt_tokens": h.prompt_len}
+            if e.handle.error is not None:
                 continue
-            n_slots = pool_region.slots_needed(e.layers)
-            if shard is not None:  # one slot count on every rank: the most any rank's heads need
-                n_slots = int(shard.gather(torch.tensor([n_slots], dtype=torch.int64)).max())
-            staging = req_to_token_pool.req_to_token[e.row, : h.prompt_len].clone()
-            slots = self._take_slots(allocator, req_to_token_pool, e, staging, n_slots)
-            if slots is None:
-                logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed "
-                               "form, even after evicting radix-cache entries (budget %.2f)", h.rid, h.config.budget)
-                h.stats = {**_plan_stats(h, e, shard), "compressed": False}
-                continue
-            pages = host.alloc(pool_region.host_pages_needed(e.layers))
-            tables = pool_region.layout(e.layers, slots, pages)
-            for lid, cl in e.layers.items():
-                pool_region.write(kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid), cl, tables, lid)
-                if cl.k_host.shape[1] and cl.dyn_heads.numel():
-                    host.write(lid, pages, cl.k_host, cl.v_host)
-            region = Region(h.rid, h.prompt_len, e.pos_end, h.config.retrieval_interval, slots, pages, 0 if self.radix else h.prompt_len,
-                            tables, int(pages.numel()) * host.page_bytes)
-            regions.add(e.row, region)
-            h.stats = _stats(h, e, region, kv_pool, shard, host.on_device)
-            h.pending_unlock = self.radix
-            s = h.stats
-            if not s["within_budget"]:
-                logger.warning("hybridkv: request %s keeps %.3f of its full KV on the device, over its budget %.2f "
-                               "(%s cannot go below its always-kept tokens%s)", h.rid, s["kv_fraction_device"],
-                               h.config.budget, h.config.policy,
-                               " and chunk summaries" if s["dynamic_heads"] else "")
-            logger.info("hybridkv: compressed request %s (%d prompt tokens, %s @ %.2f): %d static / %d dynamic heads, "
-                        "device KV %d -> %d bytes (%.1fx), host tier %d bytes", h.rid, h.prompt_len, h.config.policy,
-                        h.config.budget, s["static_heads"], s["dynamic_heads"], s["kv_bytes_full"],
-                        s["kv_bytes_device"], s["kv_bytes_full"] / max(1, s["kv_bytes_device"]), s["kv_bytes_host"])
+            held = _Held()
+            try:
+                self._commit(e, allocator, req_to_token_pool, kv_pool, regions, host, held)
+            except Exception as exc:  # noqa: BLE001 - contained: this request is aborted, the batch goes on
+                held.release(e.row, allocator, regions, host)
+                self._fail(e, "commit", exc)
 
-    def _take_slots(self, allocator, req_to_token_pool, e: _Entry, staging: torch.Tensor, n: int):
-        """``n`` slots for the region; radix cache off: the prompt's staging slots are freed first."""
+    def _commit(self, e: _Entry, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier,
+                held: "_Held") -> None:
+        """:meth:`commit` for one request; what it takes is recorded in ``held`` as it goes."""
+        shard = tp_shard()
+        h = e.handle
+        prompt_slots = req_to_token_pool.req_to_token[e.row, : h.prompt_len].long()
+        if e.priors and len(e.priors) == kv_pool.layer_num:  # every layer seen: the prior, then the plans
+            h.prior = cross_layer_prior(e.priors, kv_pool.layer_num)
+            self._plan_all(e, kv_pool, prompt_slots)
+        if len(e.layers) != kv_pool.layer_num:
+            h.q_window, h.q_filled = {}, None
+            logger.warning("hybridkv: request %s stays uncompressed: its observation window was not fully "
+                           "computed in this prefill", h.rid)
+            h.stats = {"policy": h.config.policy, "compressed": False, "prompt_tokens": h.prompt_len}
+            return
+        fallback = self._fit_host_tier(e, kv_pool, prompt_slots, host, shard)
+        h.q_window, h.q_filled = {}, None
+        n_slots = pool_region.slots_needed(e.layers)
+        if shard is not None:  # one slot count on every rank: the most any rank's heads need
+            n_slots = int(shard.gather(torch.tensor([n_slots], dtype=torch.int64)).max())
+        staging = req_to_token_pool.req_to_token[e.row, : h.prompt_len].clone()
+        slots = self._take_slots(allocator, req_to_token_pool, e, staging, n_slots, held)
+        if slots is None:
+            logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed "
+                           "form, even after evicting radix-cache entries (budget %.2f)", h.rid, h.config.budget)
+            h.stats = {**_plan_stats(h, e, shard), "compressed": False, "host_tier_fallback": fallback}
+            return
+        pages = host.alloc(pool_region.host_pages_needed(e.layers))
+        if pages is None:  # _fit_host_tier left room: nothing else allocates pages in between
+            raise RuntimeError("the host tier refused pages it had room for")
+        held.pages = pages
+        tables = pool_region.layout(e.layers, slots, pages)
+        for lid, cl in e.layers.items():
+            pool_region.write(kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid), cl, tables, lid)
+            if cl.k_host.shape[1] and cl.dyn_heads.numel():
+                host.write(lid, pages, cl.k_host, cl.v_host)
+        _inject("commit", h.rid)
+        region = Region(h.rid, h.prompt_len, e.pos_end, h.config.retrieval_interval, slots, pages,
+                        0 if self.radix else h.prompt_len, tables, int(pages.numel()) * host.page_bytes)
+        regions.add(e.row, region)
+        held.registered = True
+        h.stats = {**_stats(h, e, region, kv_pool, shard, host.on_device), "host_tier_fallback": fallback}
+        h.pending_unlock = self.radix
+        s = h.stats
+        if not s["within_budget"]:
+            logger.warning("hybridkv: request %s keeps %.3f of its full KV on the device, over its budget %.2f "
+                           "(%s cannot go below its always-kept tokens%s)", h.rid, s["kv_fraction_device"],
+                           h.config.budget, h.config.policy,
+                           " and chunk summaries" if s["dynamic_heads"] else "")
+        logger.info("hybridkv: compressed request %s (%d prompt tokens, %s @ %.2f): %d static / %d dynamic heads, "
+                    "device KV %d -> %d bytes (%.1fx), host tier %d bytes", h.rid, h.prompt_len, h.config.policy,
+                    h.config.budget, s["static_heads"], s["dynamic_heads"], s["kv_bytes_full"],
+                    s["kv_bytes_device"], s["kv_bytes_full"] / max(1, s["kv_bytes_device"]), s["kv_bytes_host"])
+
+    def _plan_all(self, e: _Entry, kv_pool, prompt_slots: torch.Tensor) -> None:
+        """Plan every layer of ``e`` from the prompt's KV, still in the pool at ``prompt_slots``."""
+        for lid in range(kv_pool.layer_num):
+            k_buf, v_buf = kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid)
+            self._plan(e, lid, k_buf[prompt_slots].transpose(0, 1), v_buf[prompt_slots].transpose(0, 1),
+                       e.scaling[lid])
+
+    def _fit_host_tier(self, e: _Entry, kv_pool, prompt_slots: torch.Tensor, host: HostTier,
+                       shard: HeadShard | None) -> bool:
+        """Keep the host tier within its limit: when the request's dynamic heads need more pages than it has
+        left (on any rank), plan the request again with every head static. Returns whether it did."""
+        h = e.handle
+        need = pool_region.host_pages_needed(e.layers)
+        short = not host.fits(need)
+        if shard is not None:  # every rank takes the same branch (the planning below gathers)
+            short = bool(shard.gather(torch.tensor([int(short)], dtype=torch.int64)).max())
+        if not short:
+            return False
+        logger.warning("hybridkv: request %s: the host tier has room for %d pages, its %s heads need %d "
+                       "(--hybridkv-host-tier-gb: %d of %d bytes used); compressed with every head static",
+                       h.rid, host.available_pages, h.config.policy, need, host.used_pages * host.page_bytes,
+                       host.limit)
+        h.config = h.config.replace(policy="all_static")
+        policy = _policy(h.config)
+        if policy.uses_prior() and h.prior is None:
+            priors = {}
+            for lid in range(kv_pool.layer_num):
+                keys = kv_pool.get_key_buffer(lid)[prompt_slots].transpose(0, 1)
+                priors[lid] = layer_prior(policy, h.q_window[lid], keys, e.scaling[lid], e.media_mask, shard)
+            h.prior = cross_layer_prior(priors, kv_pool.layer_num)
+        self._plan_all(e, kv_pool, prompt_slots)
+        return True
+
+    def _fail(self, e: _Entry, stage: str, exc: Exception) -> None:
+        """Abort ``e``'s request: compaction of it raised ``exc`` in ``stage``."""
+        message = (f"hybridkv: compaction of request {e.handle.rid} failed in {stage} "
+                   f"({type(exc).__name__}: {exc}); the request is aborted")
+        logger.error(message, exc_info=exc)
+        e.handle.fail(message)
+
+    def _take_slots(self, allocator, req_to_token_pool, e: _Entry, staging: torch.Tensor, n: int, held: "_Held"):
+        """``n`` slots for the region (recorded in ``held``); radix cache off: the prompt's staging slots are
+        freed first."""
         if self.radix:  # the tree takes the prompt's slots over after this batch
-            return _alloc(allocator, self.tree_cache, n)
+            return held.take(_alloc(allocator, self.tree_cache, n))
         p = staging.numel()
         extra = None
         if n > p:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
-            extra = _alloc(allocator, self.tree_cache, n - p)
+            extra = held.take(_alloc(allocator, self.tree_cache, n - p))
             if extra is None:
                 return None
         # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
         # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
         req_to_token_pool.req_to_token[e.row, :p] = 0
         allocator.free(staging[staging != 0])
-        slots = _alloc(allocator, self.tree_cache, min(n, p))  # just freed p slots: cannot fail
+        slots = held.take(_alloc(allocator, self.tree_cache, min(n, p)))  # just freed p slots: cannot fail
         return slots if extra is None else torch.cat([slots, extra])
+
+
+@dataclass
+class _Held:
+    """What one request's commit has taken so far, so that a fault gives it back."""
+
+    slots: list[torch.Tensor] = field(default_factory=list)
+    pages: torch.Tensor | None = None
+    registered: bool = False  # the region (slots and pages) is in ``Regions``, which frees it
+
+    def take(self, slots: torch.Tensor | None) -> torch.Tensor | None:
+        if slots is not None:
+            self.slots.append(slots)
+        return slots
+
+    def release(self, row: int, allocator, regions: Regions, host: HostTier) -> None:
+        if self.registered:
+            regions.free(row)
+            return
+        for slots in self.slots:
+            if slots.numel():
+                allocator.free(slots)
+        if self.pages is not None and self.pages.numel():
+            host.free(self.pages)
+
+
+def _inject(stage: str, rid: str) -> None:
+    """Raise where ``FAULT_ENV`` (comma-separated ``stage:rid-prefix`` items) names ``stage`` and ``rid`` (tests)."""
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, prefix = item.partition(":")
+        if name == stage and prefix and rid.startswith(prefix):
+            raise RuntimeError(f"fault injected by {FAULT_ENV}={item}")
 
 
 def _alloc(allocator, tree_cache, n: int) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ import sys
 
 
 from ..config import ENV_VAR, FIELDS, ConfigError, HybridKVConfig
+from .host_tier import limit_bytes
 from .requests import active_config, request_config
 from .targets import IncompatibleSGLang, check_targets
 from .video_items import split_videos
@@ -120,7 +121,8 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
         return orig(argv, *args, **kwargs)
     try:
         check_targets()
-    except IncompatibleSGLang as e:
+        tier = limit_bytes(config)
+    except (IncompatibleSGLang, ConfigError) as e:
         raise StartupError(str(e)) from None
     argv = _strip_backend_flags(argv, config)
     chosen = {f for f in DECODE_GRAPH_FIELDS if _flag_given(argv, f)}
@@ -135,7 +137,8 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
         graphs = (f"; decode CUDA graphs {decode}" + (" (hybridkv attention runs eagerly between captured segments)"
                                                        if decode == "breakable" else "") + "; prefill CUDA graphs off")
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
-          f"overlap scheduling off{graphs}", file=sys.stderr)
+          f"overlap scheduling off{graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "
+          f"{', '.join(config.overridable) or 'none'}", file=sys.stderr)
     return server_args
 
 
@@ -288,6 +291,7 @@ def engine_server_args(**kwargs):
         os.environ.pop(ENV_VAR, None)
         return ServerArgs(**kwargs)
     check_targets()
+    limit_bytes(config)  # a ConfigError when the host tier's limit is more than the machine has
     for name in BACKEND_FIELDS:
         refusal = _backend_refusal(config, name, kwargs.pop(name, None))
         if refusal:
@@ -343,9 +347,11 @@ def _validate_request(self, obj, *args, **kwargs):
         get = sp.get if isinstance(sp, dict) else (lambda k, sp=sp: getattr(sp, k, None))
         cfg = request_config(get("custom_params"))  # raises ConfigError (a ValueError: SGLang answers 400)
         if cfg is not None and cfg.enabled and (get("beam_width") or 1) > 1:
+            way = ("send custom_params={'hybridkv': {'policy': 'none'}} to run it uncompressed"
+                   if "policy" in cfg.overridable else "this server does not let a request turn compression off "
+                   f"(--hybridkv-request-overrides {cfg.request_overrides})")
             raise ConfigError(f"beam search (beam_width={get('beam_width')}) does not work with KV compression: "
-                              "beam members copy rows that compaction rewrote; send "
-                              "custom_params={'hybridkv': {'policy': 'none'}} to run it uncompressed")
+                              f"beam members copy rows that compaction rewrote; {way}")
     return None
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import torch
 
@@ -65,6 +67,7 @@ class RequestHandle:
         pending_unlock: compacted with the radix cache on: once SGLang has inserted the prompt into the tree,
             the scheduler hooks drop the request's lock on it.
         unlocked: the plugin dropped the request's radix lock and set ``skip_radix_cache_insert``.
+        error: set when compaction failed (:meth:`fail`): the request is aborted and compacts nothing more.
     """
 
     rid: str
@@ -78,6 +81,20 @@ class RequestHandle:
     pending_unlock: bool = False
     unlocked: bool = False
     exported: dict | None = None
+    error: str | None = None
+    req: weakref.ref | None = field(default=None, repr=False)  # SGLang's Req (weak: the Req owns the handle)
+
+    def fail(self, message: str) -> None:
+        """Abort the request with ``message``: SGLang finishes it when it processes this batch's result (HTTP
+        500 to the client) and releases its row, slots and radix lock as for any abort."""
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        self.error = message
+        self.q_window, self.q_filled, self.pending_unlock = {}, None, False
+        self.stats = {"policy": self.config.policy, "compressed": False, "error": message}
+        req = None if self.req is None else self.req()
+        if req is not None and not req.finished():
+            req.to_finish = FINISH_ABORT(message, HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
 
     @property
     def media_mask(self) -> torch.Tensor | None:
@@ -107,7 +124,7 @@ def handle_of(req) -> RequestHandle:
             cfg = None
         prompt_len = len(req.origin_input_ids)
         handle = RequestHandle(req.rid, None if cfg is None else cfg.for_prompt(prompt_len), prompt_len,
-                               prompt_media(req))
+                               prompt_media(req), req=weakref.ref(req))
         req.hybridkv = handle
     return handle
 

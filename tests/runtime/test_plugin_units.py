@@ -148,3 +148,31 @@ def test_engine_takes_the_flags_as_keyword_arguments(monkeypatch):
                       ({"hybridkv_budget": 0.1, "hybridkv_budget_tokens": 8}, "exactly one")):
         with pytest.raises(ConfigError, match=words):
             Engine.server_args_class(model_path="m", device="cpu", kv_compression="hybridkv", **kw)
+
+
+def test_a_host_tier_limit_above_the_machine_memory_stops_the_launch():
+    from sglang_hybridkv.runtime.host_tier import machine_memory_bytes
+
+    too_much = str(int(machine_memory_bytes() / 1e9) + 1)
+    with pytest.raises(plugin.StartupError) as e:
+        plugin._prepare_server_args(lambda argv: pytest.fail("SGLang must not be reached"),
+                                    ["--model-path", "m", "--kv-compression", "hybridkv", "--hybridkv-host-tier-gb",
+                                     too_much])
+    assert f"host_tier_gb={float(too_much)!r}" in str(e.value) and "machine's memory" in str(e.value)
+    with pytest.raises(ConfigError, match="host_tier_gb"):
+        plugin.engine_server_args(model_path="m", device="cpu", kv_compression="hybridkv",
+                                  hybridkv_host_tier_gb=float(too_much))
+
+
+def test_requests_are_refused_overrides_the_operator_switch_forbids(monkeypatch):
+    def validate(switch, custom):
+        monkeypatch.setenv("SGLANG_HYBRIDKV_CONFIG", HybridKVConfig(request_overrides=switch).to_json())
+        plugin._validate_request(None, types.SimpleNamespace(sampling_params={"custom_params": custom}))
+
+    validate("all", {"hybridkv": {"policy": "full", "budget": 1.0}})  # the default takes every override
+    validate("budget", {"hybridkv": {"budget": 0.5}})
+    validate("none", {"other": 1})  # requests without hybridkv overrides are untouched
+    with pytest.raises(ConfigError, match="--hybridkv-request-overrides budget allows"):
+        validate("budget", {"hybridkv": {"policy": "full"}})
+    with pytest.raises(ConfigError, match="--hybridkv-request-overrides none"):
+        validate("none", {"hybridkv": {"budget": 1.0}})
