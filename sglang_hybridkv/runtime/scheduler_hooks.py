@@ -176,6 +176,8 @@ def _report_state(result, self, *args, **kwargs):
             "released_total": regions.released, "compressed_slots_held": regions.slots_held,
             "host_tier_bytes": regions.host_bytes, "host_tier_bytes_peak": regions.host_bytes_peak,
             "host_tier_pages_used": regions.host.used_pages,
+            "host_tier_page_bytes": regions.host.page_bytes, "host_tier_limit_bytes": regions.host.limit,
+            "host_tier_refusals": regions.host.refused,  # requests compressed static for want of host pages
             "decode_batches": backend.decode_batches, "decode_plans_built": backend.planner.builds,
             "decode_table_builds": backend.planner.table_builds,
             **backend.buffers.totals(),  # dynamic heads' host-tier traffic: rows copied of the rows selected
