@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--static-fraction", type=float, default=0.5, help="hybridkv's share of static heads")
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--graph", action="store_true", help="CUDA only: also time the step replayed as a CUDA graph")
+    p.add_argument("--mixed-budget", type=float, default=0.1,
+                   help="budget of the mixed_long case (7 compressed + 1 uncompressed of 4x their length)")
     p.add_argument("--profile", action="store_true", help="print the profiler's top operators of each policy's "
                                                           "step at the largest size")
     a = p.parse_args(argv)
@@ -134,6 +136,44 @@ def build(batch: int, tokens: int, cfg: HybridKVConfig | None, dtype, dev: str) 
             pool.k[l][gen] = rand(GEN + 1, HKV, D)
             pool.v[l][gen] = rand(GEN + 1, HKV, D)
     return pool, rows, torch.full((batch,), n + GEN + 1, dtype=torch.long)
+
+
+def build_mixed(tokens: int, cfg: HybridKVConfig, dtype, dev: str, compressed: int = 7,
+                long_factor: int = 4) -> tuple[PoolBatch, list[int], list[int], torch.Tensor]:
+    """One pool holding ``compressed`` requests compressed with ``cfg`` and one uncompressed request of
+    ``long_factor`` times their length. Returns the pool, the compressed rows, the long row and every length."""
+    n, n_long = tokens + TEXT, long_factor * (tokens + TEXT)
+    slots = compressed * (n // 3 + GEN + 1) + n_long + GEN + 1 + 64
+    pool = PoolBatch(LAYERS, HKV, D, slots + 1, rows=compressed + 2, ctx=n_long + GEN + 2, dtype=dtype, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=dev).to(dtype)
+    lens = []
+    for r in range(1, compressed + 2):
+        m = n if r <= compressed else n_long
+        keys, values = [rand(HKV, m, D) for _ in range(LAYERS)], [rand(HKV, m, D) for _ in range(LAYERS)]
+        if r <= compressed:
+            pool.add_compressed(r, cfg, keys, values, [rand(HQ, cfg.window, D) for _ in range(LAYERS)], D ** -0.5)
+        else:
+            pool.add_uncompressed(r, keys, values)
+        gen = pool.alloc(GEN + 1)
+        pool.req_to_token[r, m: m + GEN + 1] = gen.int()
+        for l in range(LAYERS):
+            pool.k[l][gen], pool.v[l][gen] = rand(GEN + 1, HKV, D), rand(GEN + 1, HKV, D)
+        lens.append(m + GEN + 1)
+    return pool, list(range(1, compressed + 1)), [compressed + 1], torch.tensor(lens)
+
+
+def mixed_long_row(tokens: int, budget: float, profile: str, dtype, dev: str, repeat: int) -> dict:
+    """The mixed case: 7 requests compressed with hybridkv plus one uncompressed request 4x their length, in one
+    batch, against each group alone (same pool, same run). Per-layer milliseconds."""
+    cfg = HybridKVConfig(policy="hybridkv", budget=budget, head_profile=profile)
+    pool, small, long, lens = build_mixed(tokens, cfg, dtype, dev)
+    ms = lambda rows: timed(step_fn(pool, rows, lens[[r - 1 for r in rows]], dtype, dev), repeat, dev) / LAYERS
+    row = {"case": "mixed_long", "tokens": tokens, "long_tokens": int(lens[-1]), "batch": len(small) + 1,
+           "budget": budget, "policy": "hybridkv", "mixed_ms": ms(small + long), "long_alone_ms": ms(long),
+           "compressed_alone_ms": ms(small)}
+    row["mixed_over_sum"] = row["mixed_ms"] / (row["long_alone_ms"] + row["compressed_alone_ms"])
+    return row
 
 
 def step_fn(pool: PoolBatch, rows: list[int], lens: torch.Tensor, dtype, dev: str):
@@ -237,16 +277,30 @@ def main(argv=None) -> dict:
                               file=sys.stderr, flush=True)
                         del pool
                         write_json(args.json, out)  # after every row: a run cut short keeps what it measured
+            row = mixed_long_row(tokens, args.mixed_budget, profile, dtype, dev, args.repeat)
+            rows_out.append(row)
+            print(f"mixed_long tokens {tokens} budget {args.mixed_budget}: mixed {row['mixed_ms']:.3f} ms, long "
+                  f"alone {row['long_alone_ms']:.3f} ms + compressed alone {row['compressed_alone_ms']:.3f} ms "
+                  f"({row['mixed_over_sum']:.2f}x their sum)", file=sys.stderr, flush=True)
+            write_json(args.json, out)
     print(f"\nBatched decode step per layer, {out['device']} ({path} path, {out['dtype']})")
     graph_head = f" {'full gr.':>9} {'compr. gr.':>10} {'gr. spd':>8}" if args.graph else ""
     print(f"{'tokens':>7} {'batch':>5} {'budget':>6} {'policy':>11} {'dense ms':>9} {'full ms':>9} {'compr. ms':>10} "
           f"{'speedup':>8} {'vs dense':>8} {'plan ms':>8}{graph_head} {'rows ratio':>10}")
-    for r in rows_out:
+    for r in (r for r in rows_out if "case" not in r):
         graph_cols = (f" {r['full_graph_ms']:>9.3f} {r['graph_ms']:>10.3f} {r['graph_speedup']:>7.2f}x"
                       if args.graph else "")
         print(f"{r['tokens']:>7} {r['batch']:>5} {r['budget']:>6.2f} {r['policy']:>11} {r['dense_ms']:>9.3f} "
               f"{r['full_ms']:>9.3f} {r['compressed_ms']:>10.3f} {r['speedup']:>7.2f}x {r['speedup_vs_dense']:>7.2f}x "
               f"{r['plan_ms']:>8.3f}{graph_cols} {r['device_rows_ratio']:>9.1f}x")
+    mixed = [r for r in rows_out if r.get("case") == "mixed_long"]
+    if mixed:
+        print(f"\nMixed batch: 7 compressed (hybridkv) + 1 uncompressed of 4x their length, ms per layer")
+        print(f"{'tokens':>7} {'long':>6} {'budget':>6} {'mixed':>9} {'long alone':>11} {'compr. alone':>13} "
+              f"{'mixed/sum':>10}")
+        for r in mixed:
+            print(f"{r['tokens']:>7} {r['long_tokens']:>6} {r['budget']:>6.2f} {r['mixed_ms']:>9.3f} "
+                  f"{r['long_alone_ms']:>11.3f} {r['compressed_alone_ms']:>13.3f} {r['mixed_over_sum']:>9.2f}x")
     return out
 
 

@@ -1,19 +1,23 @@
-"""Decode attention over flattened (request, KV head) sequences that read pool rows in place.
+"""Decode attention over flattened (request, KV head) sequences that read pool rows in place, split into items.
 
 SGLang's MHA pool holds a layer's keys as ``(slots, H, D)``; viewed as ``(slots * H, D)`` (a free ``view``),
-row ``slot * H + h`` is head ``h`` of token ``slot``. Each flattened sequence (one request, one KV head) lists
-the rows it attends to in one row of an index matrix, so heads of one request may keep different tokens
-(static heads their pruned set, dynamic heads text plus the chunks retrieved this step) and compressed and
-uncompressed requests share one call per layer. Its queries are the GQA group of that KV head.
+row ``slot * H + h`` is head ``h`` of token ``slot``. Each flattened sequence (one request, one KV head) attends
+to its own list of rows, so heads of one request may keep different tokens (static heads their pruned set,
+dynamic heads text plus the chunks retrieved this step) and compressed and uncompressed requests share one
+call per layer. Its queries are the GQA group of that KV head.
 
-Padded layout (fixed shapes, so a CUDA graph can capture the call once ``W`` is fixed)::
+Work-item layout (FlashInfer's plan/run split): a sequence of ``n`` rows is cut into ``ceil(n / S)`` items of
+at most ``S`` columns, so a sequence costs what its own length costs (plus less than one item of padding) and
+one long sequence does not widen the others::
 
-    idx:   (N, W) int  rows of k_rows / v_rows; entries where ``valid`` is False are ignored (any row in range)
-    valid: (N, W) bool
-    out = row_decode(q, k_rows, v_rows, idx, valid, scale)        # (N, group, D)
+    rows:  (I, S) int  pool rows; entries where ``valid`` is False are ignored (any row in range)
+    valid: (I, S) bool
+    seq:   (I,)   int  the sequence each item belongs to (items of one sequence in any order)
+    out = row_decode(q, k_rows, v_rows, rows, valid, seq, scale)       # (N, group, D)
 
-The Triton kernel splits ``W`` into ``num_splits`` parts (split-K) and merges them by log-sum-exp; the torch
-reference gathers the rows into a padded batch and runs a masked softmax (it is also the CPU path).
+Each item gives a partial softmax (unnormalised output, running max, sum of exponentials); :func:`merge_items`
+combines a sequence's items exactly (the split-K merge). The Triton kernel computes one item per program;
+the torch reference computes all items with batched matmuls (it is also the CPU path); both share the merge.
 """
 
 from __future__ import annotations
@@ -29,46 +33,67 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-def row_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, idx: torch.Tensor,
-               valid: torch.Tensor, scale: float, use_triton: bool | None = None) -> torch.Tensor:
-    """Attention of each sequence's ``group`` queries over its valid rows.
+def row_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: torch.Tensor,
+               valid: torch.Tensor, seq: torch.Tensor, scale: float, use_triton: bool | None = None) -> torch.Tensor:
+    """Attention of each sequence's ``group`` queries over the valid rows of its items.
 
     Args:
         q: ``(N, group, D)``.
         k_rows, v_rows: ``(R, D)`` the pool's flattened per-head rows.
-        idx: ``(N, W)`` int32/int64 row ids; valid: ``(N, W)`` bool.
+        rows: ``(I, S)`` int32/int64 row ids; valid: ``(I, S)`` bool; seq: ``(I,)`` int64 in ``[0, N)``.
     Returns: ``(N, group, D)`` in ``q``'s dtype; a sequence with no valid row gives zeros.
     """
     if use_triton is None:
         use_triton = triton is not None and triton_available(q.device)
-    if use_triton:
-        return _row_decode_triton(q, k_rows, v_rows, idx, valid, scale)
-    return row_decode_reference(q, k_rows, v_rows, idx, valid, scale)
-
-
-def row_decode_reference(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, idx: torch.Tensor,
-                         valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain torch: gather rows into ``(N, W, D)``, masked softmax in float32."""
-    n, g, d = q.shape
-    if n == 0 or idx.shape[1] == 0:
+    if q.shape[0] == 0 or rows.shape[0] == 0 or rows.shape[1] == 0:
         return torch.zeros_like(q)
-    flat = idx.reshape(-1).long()
-    k = k_rows.index_select(0, flat).view(n, -1, d)
-    v = v_rows.index_select(0, flat).view(n, -1, d)
-    s = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale  # (N, G, W)
-    s.masked_fill_(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
-    return torch.bmm(p, v.float()).to(q.dtype)
+    parts = (_items_triton if use_triton else items_reference)(q, k_rows, v_rows, rows, valid, seq, scale)
+    return merge_items(*parts, seq, q.shape[0]).to(q.dtype)
+
+
+def items_reference(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: torch.Tensor,
+                    valid: torch.Tensor, seq: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+    """Plain torch partials of every item: gather its rows, masked softmax statistics in float32.
+
+    Returns: ``acc (I, group, D)`` unnormalised outputs, ``m (I, group)`` running max (``-inf`` for an item
+    without valid rows), ``l (I, group)`` sums of ``exp(score - m)``.
+    """
+    i, s = rows.shape
+    d = q.shape[-1]
+    flat = rows.reshape(-1)
+    k = k_rows.index_select(0, flat).view(i, s, d).float()
+    v = v_rows.index_select(0, flat).view(i, s, d).float()
+    scores = torch.bmm(q.index_select(0, seq).float(), k.transpose(1, 2)).mul_(scale)  # (I, G, S)
+    scores.masked_fill_(~valid[:, None, :], float("-inf"))
+    m = scores.amax(-1)
+    p = torch.exp(scores - _finite(m)[..., None])
+    return torch.bmm(p, v), m, p.sum(-1)
+
+
+def merge_items(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
+    """Combine item partials into each sequence's attention output, ``(n, group, D)`` float32 (the exact
+    log-sum-exp merge; no host sync)."""
+    g = m.shape[1]
+    best = torch.full((n, g), float("-inf"), device=m.device).scatter_reduce_(
+        0, seq[:, None].expand(-1, g), m, "amax")
+    w = torch.exp(m - _finite(best).index_select(0, seq))  # 0 for items without valid rows
+    num = torch.zeros(n, g, acc.shape[-1], device=acc.device).index_add_(0, seq, acc * w[..., None])
+    den = torch.zeros(n, g, device=m.device).index_add_(0, seq, l * w)
+    return num / torch.where(den > 0, den, 1.0)[..., None]
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """``m`` with ``-inf`` replaced by 0 (an empty item or sequence subtracts nothing)."""
+    return torch.where(torch.isinf(m), 0.0, m)
 
 
 if triton is not None:
 
     @triton.jit
-    def _row_split_kernel(Q, K, V, Idx, Valid, OutAcc, OutLse, scale, W, cols_per_split,
-                          GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-        seq = tl.program_id(0)
-        split = tl.program_id(1)
-        num_splits = tl.num_programs(1)
+    def _item_kernel(Q, K, V, Rows, Valid, Seq, OutAcc, OutM, OutL, scale, S,
+                     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        item = tl.program_id(0)
+        seq = tl.load(Seq + item).to(tl.int64)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         j = tl.arange(0, BLOCK)
@@ -77,13 +102,11 @@ if triton is not None:
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        start = split * cols_per_split
-        end = tl.minimum(start + cols_per_split, W)
-        for col in range(start, end, BLOCK):
+        for col in range(0, S, BLOCK):
             c = col + j
-            in_range = c < end
-            ok = (tl.load(Valid + seq * W + c, mask=in_range, other=0) != 0) & in_range
-            row = tl.load(Idx + seq * W + c, mask=ok, other=0).to(tl.int64)
+            in_range = c < S
+            ok = (tl.load(Valid + item * S + c, mask=in_range, other=0) != 0) & in_range
+            row = tl.load(Rows + item * S + c, mask=ok, other=0).to(tl.int64)
             k = tl.load(K + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             v = tl.load(V + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * scale
@@ -95,44 +118,20 @@ if triton is not None:
             l = l * alpha + tl.sum(pr, 1)
             acc = acc * alpha[:, None] + tl.dot(pr, v)
             m = m_new
-        base = seq * num_splits + split
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(OutAcc + (base * GROUP + g[:, None]) * D + d[None, :], out, mask=g_ok[:, None])
-        lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-        tl.store(OutLse + base * GROUP + g, lse, mask=g_ok)
-
-    @triton.jit
-    def _merge_splits_kernel(Acc, Lse, Out, num_splits, GROUP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
-        seq = tl.program_id(0)
-        g = tl.program_id(1)
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, D)
-        s_ok = s < num_splits
-        lse = tl.load(Lse + (seq * num_splits + s) * GROUP + g, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - m_safe), 0.0)
-        acc = tl.load(Acc + ((seq * num_splits + s[:, None]) * GROUP + g) * D + d[None, :], mask=s_ok[:, None],
-                      other=0.0)
-        total = tl.sum(w, 0)
-        out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-        tl.store(Out + (seq * GROUP + g) * D + d, out.to(Out.dtype.element_ty))
+        tl.store(OutAcc + (item * GROUP + g[:, None]) * D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(OutM + item * GROUP + g, m, mask=g_ok)
+        tl.store(OutL + item * GROUP + g, l, mask=g_ok)
 
 
-def _row_decode_triton(q, k_rows, v_rows, idx, valid, scale, block: int = 32, cols_per_split: int = 256):
+def _items_triton(q, k_rows, v_rows, rows, valid, seq, scale, block: int = 32):
     n, g, d = q.shape
-    out = torch.empty_like(q)
-    if n == 0:
-        return out
     if d != next_pow2(d):
         raise ValueError(f"head_dim={d} must be a power of two for the Triton decode kernel")
-    w = idx.shape[1]
-    splits = max(1, -(-w // cols_per_split))
-    acc = torch.empty(n, splits, g, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(n, splits, g, dtype=torch.float32, device=q.device)
-    _row_split_kernel[(n, splits)](q.contiguous(), k_rows, v_rows, idx.contiguous(), valid.contiguous(), acc, lse,
-                                   scale, w, cols_per_split, GROUP=g, G_PAD=next_pow2(g, 16), D=d, BLOCK=block)
-    # The split count is a runtime argument (only its power-of-two padding is compiled in), so a growing
-    # sequence does not recompile the kernels every cols_per_split tokens.
-    _merge_splits_kernel[(n, g)](acc, lse, out, splits, GROUP=g, D=d, S_PAD=next_pow2(splits))
-    return out
+    i, s = rows.shape
+    acc = torch.empty(i, g, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(i, g, dtype=torch.float32, device=q.device)
+    l = torch.empty(i, g, dtype=torch.float32, device=q.device)
+    # S is a runtime argument: a batch whose item width changes does not recompile the kernel.
+    _item_kernel[(i,)](q.contiguous(), k_rows, v_rows, rows.contiguous(), valid.contiguous(), seq.contiguous(),
+                       acc, m, l, scale, s, GROUP=g, G_PAD=next_pow2(g, 16), D=d, BLOCK=block)
+    return acc, m, l

@@ -55,7 +55,11 @@ class HybridKVMixin:
         # token by token with their own planner, so that the decode path's per-batch counters stay exact.
         self.replay_planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
                                             config.chunk_score_scale, k0.device)
-        self.decode_batches = 0
+        # Counted outside graph capture only, so that /server_info compares them with SGLang's own count of
+        # decode forwards: one plan per forward, one attention call per layer and forward.
+        self.decode_plans = 0
+        self.decode_layer_calls = 0
+        self._counting = False
         self._compaction: CompactionBatch | None = None
         self._plan: DecodePlan | None = None
         self._kv_loc: torch.Tensor | None = None  # this decode batch's new-token slots
@@ -76,9 +80,10 @@ class HybridKVMixin:
         self._replays = []
         mode = forward_batch.forward_mode
         if mode.is_decode():  # the parent's decode metadata is never read: decode is ours
-            self.decode_batches += 1
-            self._plan = self.planner.build(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens,
-                                            self.req_to_token_pool.req_to_token)
+            self._counting = not in_capture
+            self.decode_plans += self._counting
+            self._plan = self.planner.build(_host_rows(forward_batch), forward_batch.seq_lens_cpu,
+                                            self.req_to_token_pool.req_to_token, forward_batch.seq_lens)
             self._kv_loc = forward_batch.out_cache_loc
             return
         super().init_forward_metadata(forward_batch)  # prefill graphs are off: the parent's eager body
@@ -96,7 +101,7 @@ class HybridKVMixin:
         attends over the compressed prompt and the tokens before it, as it did when it was decoded."""
         out, q_start = [], 0
         req_to_token = self.req_to_token_pool.req_to_token
-        for row, end, q_len in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens_cpu.tolist(),
+        for row, end, q_len in zip(_host_rows(forward_batch), forward_batch.seq_lens_cpu.tolist(),
                                    forward_batch.extend_seq_lens_cpu):
             q_len = int(q_len)
             if self.regions.get(row) is not None and q_len:
@@ -142,10 +147,23 @@ class HybridKVMixin:
             n = self._kv_loc.shape[0]  # at replay: the real requests only (padded rows write nothing)
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(self._kv_loc, None), k[:n], v[:n])
         lid = layer.layer_id
+        self.decode_layer_calls += self._counting
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         return self._plan.attend(lid, q, self.token_to_kv_pool.get_key_buffer(lid),
                                  self.token_to_kv_pool.get_value_buffer(lid), self.buffers, self.host,
                                  layer.scaling)
+
+
+def _host_rows(forward_batch) -> list[int]:
+    """The decode batch's ``req_to_token`` rows from the host copy the scheduler hooks put on the batch
+    (``scheduler_hooks._attach_requests``), so that planning reads no device value. At CUDA-graph replay the
+    batch is SGLang's padded view, whose padded rows name row 0."""
+    rows = forward_batch.req_pool_indices_cpu
+    if rows is None:
+        raise RuntimeError("hybridkv: a decode batch reached the backend without req_pool_indices_cpu "
+                           "(the ForwardBatch.init_new hook did not run)")
+    rows = rows.tolist()
+    return rows + [0] * (forward_batch.seq_lens_cpu.shape[0] - len(rows))
 
 
 class HybridKVTorchBackend(HybridKVMixin, TorchNativeAttnBackend):

@@ -1,31 +1,33 @@
 """The per-batch decode plan: built once per forward batch, read by every layer, one attention call per layer.
 
 Every request of the batch (compressed or not) becomes ``H`` flattened sequences, one per KV head, with the
-GQA group as query heads (``N = B * H``). Each sequence's rows of the pool view (``(slots * H, D)``, row
-``slot * H + h``) are three column blocks of one padded index matrix:
+GQA group as query heads (``N = B * H``). A sequence's rows of the pool view (``(slots * H, D)``, row
+``slot * H + h``) come in two parts, each cut into work items of at most ``split`` columns
+(``kernels.row_decode``), so a sequence costs what its own length costs and one long uncompressed request does
+not widen the compressed ones:
 
-- *kept*: the head's kept prompt tokens (static heads: the text-prior pick; dynamic heads: text, sink and
-  window); empty for uncompressed requests;
-- *buffer*: a dynamic head's retrieval buffer, refilled each step (or every ``retrieval_interval`` steps)
-  with the chunks its current query scores highest; only chunks it does not hold yet are copied from the
-  host tier;
-- *tail*: the tokens after the compressed prompt, read through SGLang's ``req_to_token`` (generated
-  tokens; for an uncompressed request, all of its tokens).
+- *prompt* (per layer): the head's kept prompt tokens (static heads: the text-prior pick; dynamic heads: text,
+  sink and window), then a dynamic head's retrieval buffer, refilled each step (or every
+  ``retrieval_interval`` steps) with the chunks its current query scores highest (only chunks it does not hold
+  yet are copied from the host tier); empty for uncompressed requests. These items depend only on which
+  requests are in the batch: :class:`DecodePlanner` keeps them while the composition and the regions are
+  unchanged.
+- *tail* (shared by every layer): the tokens after the compressed prompt, read through SGLang's
+  ``req_to_token`` (generated tokens; for an uncompressed request, all of its tokens). Rebuilt each step.
 
-Host work (``.tolist()``, region look-ups, padding) happens in :meth:`DecodePlanner.build`. The per-layer
-path (:meth:`DecodePlan.attend`) is fixed-shape tensor work only: batched chunk scoring and top-k over the
-layer's retrieving heads, one copy of the selected rows from the host tier into the buffers (``copy_rows``),
-one ``row_decode`` call. Retrieval runs over the batch's dynamic heads only, and a layer where the batch has
-none skips it (most layers at budget 0.1; its cost is per-op overhead, on a CPU and under eager launches on a
-GPU, more than arithmetic). The plan's kept/buffer tables depend only on which requests are in the batch;
-:class:`DecodePlanner` reuses them while the batch composition and the set of regions are unchanged, so a
-steady decode step only rebuilds the tail block.
+Host work happens in :meth:`DecodePlanner.build`, from host-side lengths only (``seq_lens_cpu``, the regions'
+tables): item counts in numpy, then device gathers of known sizes; no device value is read back. The per-layer
+path (:meth:`DecodePlan.attend`) is fixed-shape device work: batched chunk scoring and top-k over the layer's
+retrieving heads, one copy of the selected rows from the host tier into the buffers, one ``row_decode`` call.
+A layer where the batch has no dynamic head skips retrieval.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +42,8 @@ from .regions import Regions
 class _LayerRetrieval:
     """One layer's sequences that retrieve chunks (dynamic heads of compressed requests), ``Nd`` of them, so that
     scoring, top-k and the buffer update run over them only; a layer without any has no such object and skips
-    retrieval. The buffer rows are also listed flat (``M`` = the layer's buffer rows), with what every step's
-    update needs of each precomputed."""
+    retrieval. A buffer is ``k_max`` slots of ``chunk`` rows; its rows are also listed flat (``M`` = the layer's
+    buffer rows), with what every step's update needs of each precomputed."""
 
     seq: torch.Tensor  # (Nd,) the batch sequence each entry is
     sum_rows: torch.Tensor  # (Nd, C)
@@ -60,15 +62,17 @@ class _LayerRetrieval:
 
 @dataclass
 class _Tables:
-    """The composition-dependent part of a plan, ``(L, N, ·)`` over the batch's flattened sequences."""
+    """The composition-dependent part of a plan: the prompt items of every layer, ``(L, Ip, S)``, and what
+    each step needs of the batch's regions. Items past a layer's own count are empty (no valid column)."""
 
     key: tuple
-    kept_rows: torch.Tensor  # (L, N, P)
-    kept_valid: torch.Tensor  # (L, N, P) bool
-    buf_rows: torch.Tensor  # (L, N, R)
-    buf_len: torch.Tensor  # (L, N)
+    rows: torch.Tensor  # (L, Ip, S) pool rows
+    valid: torch.Tensor  # (L, Ip, S) bool, before the retrieval buffers' own validity
+    is_buf: torch.Tensor  # (L, Ip, S) bool: a retrieval-buffer row (valid only while it holds a chunk)
+    seq: torch.Tensor  # (L, Ip) sequence of each item
     retrieval: list[_LayerRetrieval | None]  # per layer
-    tail_start: torch.Tensor  # (B,) first position read through req_to_token
+    tail_start: np.ndarray  # (B,) first position read through req_to_token, on the host
+    tail_start_dev: torch.Tensor  # (B,)
     decode_start: torch.Tensor  # (B,) sequence length at compaction (0 for uncompressed requests)
     interval: torch.Tensor  # (B,) retrieval interval
 
@@ -89,12 +93,17 @@ class RetrievalBuffers:
 
 
 class DecodePlan:
-    """One decode forward batch's attention metadata. See the module docstring."""
+    """One decode forward batch's attention metadata. See the module docstring.
 
-    def __init__(self, tables: _Tables, tail_rows: torch.Tensor, tail_valid: torch.Tensor, refresh: torch.Tensor,
-                 fresh: torch.Tensor, num_kv_heads: int, chunk: int, score_scale: float) -> None:
+    Attributes:
+        rows, valid: ``(L, I, S)`` every layer's items (its prompt items, then the shared tail items).
+        seq: ``(L, I)`` sequence of each item.
+    """
+
+    def __init__(self, tables: _Tables, rows: torch.Tensor, valid: torch.Tensor, seq: torch.Tensor,
+                 refresh: torch.Tensor, fresh: torch.Tensor, num_kv_heads: int, chunk: int, score_scale: float) -> None:
         self.t = tables
-        self.tail_rows, self.tail_valid = tail_rows, tail_valid  # (N, G)
+        self.rows, self.valid, self.seq = rows, valid, seq
         self.refresh = refresh  # (N,) bool: sequences whose dynamic heads re-select chunks this step
         self.fresh = fresh  # (N,) bool: first step on a region; its buffer rows hold nothing of it yet
         self.h, self.chunk, self.score_scale = num_kv_heads, chunk, score_scale
@@ -109,103 +118,175 @@ class DecodePlan:
             buffers: what the retrieval buffers hold (updated in place by this layer's retrieval).
         Returns: ``(B, Hq * D)``.
         """
-        t = self.t
         d = k_buffer.shape[-1]
         k_rows, v_rows = k_buffer.view(-1, d), v_buffer.view(-1, d)
         qg = q.view(q.shape[0] * self.h, -1, d)  # (N, group, D): query head j belongs to KV head j // group
-        if t.retrieval[layer_id] is not None:
-            self._retrieve(layer_id, t.retrieval[layer_id], qg, k_rows, v_rows, buffers, host)
-        buf = t.buf_rows[layer_id]
-        buf_valid = (buffers.src[layer_id][buf] >= 0) & (torch.arange(buf.shape[1], device=buf.device)[None] < t.buf_len[layer_id][:, None])
-        idx = torch.cat([t.kept_rows[layer_id], buf, self.tail_rows], dim=1)
-        valid = torch.cat([t.kept_valid[layer_id], buf_valid, self.tail_valid], dim=1)
-        return row_decode(qg, k_rows, v_rows, idx, valid, scaling).view(q.shape)
+        rows, valid = self.rows[layer_id], self.valid[layer_id]
+        r = self.t.retrieval[layer_id]
+        if r is not None:
+            self._retrieve(layer_id, r, qg, k_rows, v_rows, buffers, host)
+            valid = self._with_buffer_validity(layer_id, rows, valid, buffers)
+        return row_decode(qg, k_rows, v_rows, rows, valid, self.seq[layer_id], scaling).view(q.shape)
+
+    def _with_buffer_validity(self, layer_id: int, rows: torch.Tensor, valid: torch.Tensor,
+                              buffers: RetrievalBuffers) -> torch.Tensor:
+        """A buffer row counts only while it holds a chunk (a dropped slot, or the unfilled end of a short last
+        chunk, holds none)."""
+        ip = self.t.rows.shape[1]
+        holds = buffers.src[layer_id].index_select(0, rows[:ip].reshape(-1)).view(rows[:ip].shape) >= 0
+        prompt = valid[:ip] & (holds | ~self.t.is_buf[layer_id])
+        return torch.cat([prompt, valid[ip:]]) if valid.shape[0] > ip else prompt
 
     def _retrieve(self, layer_id: int, r: _LayerRetrieval, qg: torch.Tensor, k_rows: torch.Tensor,
                   v_rows: torch.Tensor, buffers: RetrievalBuffers, host: HostTier) -> None:
         """Score the layer's retrieving heads' chunks and bring the top-k into their buffers, copying only the
-        chunks not already there (fixed shapes, no host sync).
-
-        A buffer is ``k_max`` slots of ``chunk`` rows; a slot's first row says (``buffers.src``) which chunk it holds.
-        Selected chunks already resident keep their slot; the others are copied from the host tier into the
-        slots whose chunk was dropped, the j-th missing chunk into the j-th free slot.
-        """
-        c, k = self.chunk, r.k_max
-        n, dev = r.seq.shape[0], qg.device
+        chunks not already there (fixed shapes, no host sync): select, match what the buffers hold, assign free
+        slots to the missing chunks, expand slots to rows and copy."""
         refresh, fresh = self.refresh[r.seq], self.fresh[r.seq]
         row_src = buffers.src[layer_id]
         scores = score_chunks_rows(qg[r.seq], k_rows, v_rows, r.sum_rows, r.n_chunks, self.score_scale)
-        ids, ok = select_chunks(scores, r.top_k * refresh, k)  # (Nd, K)
-        pages = r.host_pages
-        # Ascending chunk order: when every chunk is taken (the only case where a buffer is shorter than
-        # k_max * chunk), a fresh buffer puts chunk i in slot i, so the short last chunk ends at the buffer's end.
-        big = pages.shape[1]
-        ids = torch.where(ok, ids, big).sort(dim=1).values
-        ok = ids < big
-        ids = ids.clamp(max=big - 1)
-        want = torch.where(ok, pages.gather(1, ids) * c, -2)  # first host row of each selected chunk
+        ids, ok = _selected(scores, r.top_k * refresh, r.k_max)
+        want = torch.where(ok, r.host_pages.gather(1, ids) * self.chunk, -2)  # first host row of each chunk
         held = torch.where(r.has_slot & ~fresh[:, None], row_src[r.slot_first].long(), -1)
-        match = (want[:, :, None] == held[:, None, :]) & (held >= 0)[:, None, :]  # (Nd, selected, slot)
-        kept = match.any(1)
-        need = ok & ~match.any(2)
-        free_first = torch.sort((~(r.has_slot & ~kept)).to(torch.uint8), dim=1, stable=True).indices
-        target = free_first.gather(1, (need.cumsum(1) - 1).clamp(min=0))
-        fill = torch.full((n, k + 1), -1, dtype=torch.long, device=dev)  # per slot: the selected entry loaded
-        fill.scatter_(1, torch.where(need, target, k), torch.arange(k, device=dev).expand(n, k).contiguous())
-        # One entry per buffer row: no two entries write the same pool row.
-        seq, slot, dst = r.row_seq, r.row_slot, r.row_dst
-        entry = fill[seq, slot]
-        write = refresh[seq]
-        load = write & (entry >= 0)
-        chunk_id = ids[seq, entry.clamp(min=0)]
-        load_ok = load & (chunk_id * c + r.row_off < r.row_n_host)
-        src = torch.where(load_ok, pages[seq, chunk_id] * c + r.row_off, 0)
-        dst_ok = torch.where(load_ok, dst, 0)  # entries that copy nothing go to the pool's padding row 0
+        kept, need = _match_resident(want, held, ok)
+        fill = _assign_slots(kept, need, r.has_slot)
+        src, load_ok, stays, changed = _expand_to_rows(r, fill, ids, kept, refresh, self.chunk)
+        dst = torch.where(load_ok, r.row_dst, 0)  # entries that copy nothing go to the pool's padding row 0
         d = k_rows.shape[1]
-        copy_rows(host.k[layer_id].view(-1, d), src, k_rows, dst_ok)
-        copy_rows(host.v[layer_id].view(-1, d), src, v_rows, dst_ok)
+        copy_rows(host.k[layer_id].view(-1, d), src, k_rows, dst)
+        copy_rows(host.v[layer_id].view(-1, d), src, v_rows, dst)
+        buffers.counts += torch.stack([((stays & (row_src[r.row_dst] >= 0)) | load_ok).sum(), load_ok.sum()])
         # A loaded row records its source; a slot whose chunk was dropped and not refilled is emptied.
-        stays = write & kept[seq, slot]
-        buffers.counts += torch.stack([((stays & (row_src[dst] >= 0)) | load_ok).sum(), load_ok.sum()])
-        changed = load | (write & ~stays)
-        row_src.index_copy_(0, torch.where(changed, dst, 0), torch.where(load_ok, src, -1).to(row_src.dtype))
+        row_src.index_copy_(0, torch.where(changed, r.row_dst, 0), torch.where(load_ok, src, -1).to(row_src.dtype))
         row_src[:1].fill_(-1)  # an in-place fill, not a host->device copy: CUDA-graph capturable
 
 
+def _selected(scores: torch.Tensor, top_k: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top chunks of each retrieving sequence in ascending chunk order, ``(Nd, K)`` ids and ``ok``.
+
+    Ascending order: when every chunk is taken (the only case where a buffer is shorter than ``k_max * chunk``),
+    a fresh buffer puts chunk ``i`` in slot ``i``, so the short last chunk ends at the buffer's end."""
+    ids, ok = select_chunks(scores, top_k, k_max)
+    big = scores.shape[1]
+    ids = torch.where(ok, ids, big).sort(dim=1).values
+    return ids.clamp(max=big - 1), ids < big
+
+
+def _match_resident(want: torch.Tensor, held: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which buffer slots already hold a selected chunk (``kept (Nd, K)``, by slot) and which selected chunks
+    must be copied (``need (Nd, K)``, by selection)."""
+    match = (want[:, :, None] == held[:, None, :]) & (held >= 0)[:, None, :]  # (Nd, selected, slot)
+    return match.any(1), ok & ~match.any(2)
+
+
+def _assign_slots(kept: torch.Tensor, need: torch.Tensor, has_slot: torch.Tensor) -> torch.Tensor:
+    """The j-th missing chunk goes to the j-th slot that holds no kept chunk. Returns ``fill (Nd, K + 1)``: per
+    slot, the selection entry it loads (``-1``: none; the last column absorbs entries that load nothing)."""
+    n, k = need.shape
+    free_first = torch.sort((~(has_slot & ~kept)).to(torch.uint8), dim=1, stable=True).indices
+    target = free_first.gather(1, (need.cumsum(1) - 1).clamp(min=0))
+    fill = torch.full((n, k + 1), -1, dtype=torch.long, device=need.device)
+    fill.scatter_(1, torch.where(need, target, k), torch.arange(k, device=need.device).expand(n, k).contiguous())
+    return fill
+
+
+def _expand_to_rows(r: _LayerRetrieval, fill: torch.Tensor, ids: torch.Tensor, kept: torch.Tensor,
+                    refresh: torch.Tensor, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Per buffer row (one entry each, so no two entries write the same pool row): its host-tier source row,
+    whether it loads one, whether its slot keeps its chunk, and whether its record changes."""
+    seq, slot = r.row_seq, r.row_slot
+    entry = fill[seq, slot]
+    write = refresh[seq]
+    load = write & (entry >= 0)
+    chunk_id = ids[seq, entry.clamp(min=0)]
+    load_ok = load & (chunk_id * chunk + r.row_off < r.row_n_host)
+    src = torch.where(load_ok, r.host_pages[seq, chunk_id] * chunk + r.row_off, 0)
+    stays = write & kept[seq, slot]
+    return src, load_ok, stays, load | (write & ~stays)
+
+
+def item_layout(lengths: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
+    """Work items of sequences of ``lengths`` (``(N,)``, host): ``seq`` and ``first`` column of each item, a
+    sequence's items in order, ``ceil(n / split)`` of them (none for an empty sequence)."""
+    counts = -(-lengths.astype(np.int64) // split)
+    seq = np.repeat(np.arange(lengths.shape[0]), counts)
+    first = (np.arange(seq.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)) * split
+    return seq, first
+
+
 class DecodePlanner:
-    """Builds :class:`DecodePlan` objects; caches the composition-dependent tables between steps."""
+    """Builds :class:`DecodePlan` objects; keeps the composition-dependent tables between steps.
+
+    ``split``: columns per work item (``kernels.row_decode``); ``None`` picks 256 on CUDA (split-K width of the
+    Triton kernel) and 64 elsewhere (the torch path pays for padding columns, bounded by one item per part).
+    """
 
     def __init__(self, regions: Regions, num_layers: int, num_kv_heads: int, chunk: int, score_scale: float,
-                 device: torch.device) -> None:
+                 device: torch.device, split: int | None = None) -> None:
         self.regions, self.num_layers, self.h = regions, num_layers, num_kv_heads
-        self.chunk, self.score_scale, self.device = chunk, score_scale, device
+        self.chunk, self.score_scale, self.device = chunk, score_scale, torch.device(device)
+        self.split = split or (256 if self.device.type == "cuda" else 64)
         self._tables: _Tables | None = None
         self.builds = 0  # plans built (one per decode forward batch); /server_info reports it
         self.table_builds = 0
 
-    def build(self, rows: list[int], seq_lens: torch.Tensor, req_to_token: torch.Tensor) -> DecodePlan:
-        """Plan of one decode batch (``rows``: the requests' ``req_to_token`` rows; ``seq_lens``: ``(B,)``)."""
+    def build(self, rows: Sequence[int], seq_lens_cpu: torch.Tensor, req_to_token: torch.Tensor,
+              seq_lens: torch.Tensor | None = None) -> DecodePlan:
+        """Plan of one decode batch.
+
+        Args:
+            rows: the requests' ``req_to_token`` rows (host ints).
+            seq_lens_cpu: ``(B,)`` their lengths on the host, this step's token included.
+            seq_lens: the same on the device, if the caller has it (else copied from ``seq_lens_cpu``).
+        """
         self.builds += 1
         key = (tuple(rows), self.regions.version)
         if self._tables is None or self._tables.key != key:
-            self._tables = self._build_tables(key, rows)
+            self._tables = self._build_tables(key, list(rows))
             self.table_builds += 1
-        t = self._tables
-        dev = self.device
+        t, dev, h, s = self._tables, self.device, self.h, self.split
+        lens = seq_lens_cpu.numpy().astype(np.int64)
+        if seq_lens is None:
+            seq_lens = torch.from_numpy(lens).to(dev, non_blocking=True)
         seq = seq_lens.to(dev).long()
-        tail_len = seq - t.tail_start
-        g = int(tail_len.max()) if len(rows) else 0
-        pos = (t.tail_start[:, None] + torch.arange(g, device=dev)[None]).clamp(max=req_to_token.shape[1] - 1)
-        row_t = torch.tensor(rows, device=req_to_token.device, dtype=torch.long)
-        slots = req_to_token[row_t[:, None], pos.to(req_to_token.device)].to(dev).long()  # (B, G)
-        heads = torch.arange(self.h, device=dev)
-        tail_rows = (slots[:, None, :] * self.h + heads[None, :, None]).reshape(-1, g)
-        tail_valid = (torch.arange(g, device=dev)[None] < tail_len[:, None]).repeat_interleave(self.h, 0)
-        step = seq - 1 - t.tail_start
+        tail_rows, tail_valid, tail_seq = self._tail_items(rows, lens - t.tail_start, t.tail_start, req_to_token)
+        n_layers = self.num_layers
+        plan_rows = torch.cat([t.rows, tail_rows.expand(n_layers, -1, -1)], 1)
+        plan_valid = torch.cat([t.valid, tail_valid.expand(n_layers, -1, -1)], 1)
+        plan_seq = torch.cat([t.seq, tail_seq.expand(n_layers, -1)], 1)
         fresh = seq - 1 == t.decode_start
-        refresh = ((step % t.interval == 0) | fresh).repeat_interleave(self.h)
-        return DecodePlan(t, tail_rows, tail_valid, refresh, fresh.repeat_interleave(self.h), self.h, self.chunk,
-                          self.score_scale)
+        refresh = ((seq - 1 - t.tail_start_dev) % t.interval == 0) | fresh
+        return DecodePlan(t, plan_rows, plan_valid, plan_seq, refresh.repeat_interleave(h),
+                          fresh.repeat_interleave(h), h, self.chunk, self.score_scale)
+
+    def _tail_items(self, rows: Sequence[int], tail_len: np.ndarray, tail_start: np.ndarray,
+                    req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items over every sequence's tail (each of a request's heads reads the same slots): ``(It, S)`` rows and
+        valid, ``(It,)`` sequence. Shared by every layer of the step."""
+        dev, h, s = self.device, self.h, self.split
+        tail_len = np.maximum(tail_len, 0)
+        req, first = item_layout(tail_len, s)  # per request; then one copy per KV head
+        offsets = np.cumsum(tail_len) - tail_len
+        total = int(tail_len.sum())
+        # The slots of every request's tail, concatenated: one gather from req_to_token.
+        owner = np.repeat(np.arange(len(rows)), tail_len)
+        col = np.arange(total) - np.repeat(offsets, tail_len) + np.repeat(tail_start, tail_len)
+        row_ids = np.asarray(rows, dtype=np.int64)[owner]
+        as_dev = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True)
+        rtt = req_to_token.device
+        slots = req_to_token[torch.from_numpy(row_ids).to(rtt, non_blocking=True),
+                             torch.from_numpy(col).to(rtt, non_blocking=True)].to(dev).long()
+        if total == 0:
+            slots = torch.zeros(1, dtype=torch.long, device=dev)
+        heads = np.arange(h)
+        item_seq = (req[:, None] * h + heads[None]).reshape(-1)
+        item_first = np.repeat(first, h)
+        item_req = np.repeat(req, h)
+        pos = as_dev(item_first)[:, None] + torch.arange(s, device=dev)[None]
+        valid = pos < as_dev(tail_len[item_req])[:, None]
+        at = (as_dev(offsets[item_req])[:, None] + pos).clamp_(max=slots.shape[0] - 1)
+        row = slots[at] * h + as_dev(item_seq % h)[:, None]
+        return row, valid, as_dev(item_seq)
 
     def _build_tables(self, key: tuple, rows: list[int]) -> _Tables:
         regions = [self.regions.get(r) for r in rows]
@@ -226,20 +307,44 @@ class DecodePlanner:
             out = torch.stack(parts, dim=1)  # (L, B, H, ...)
             return out.reshape(L, len(rows) * h, *out.shape[3:])
 
-        kept_len = stack("kept_len", None).to(dev)
-        buf_rows, buf_len = stack("buf_rows", r), stack("buf_len", None)
+        kept_len, buf_len, buf_rows = stack("kept_len", None), stack("buf_len", None), stack("buf_rows", r)
+        items = self._prompt_items(stack("kept_rows", p), kept_len, buf_rows, buf_len)
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+        tail_start = np.array([0 if g is None else g.prompt_len for g in regions], dtype=np.int64)
         return _Tables(
-            key=key,
-            kept_rows=stack("kept_rows", p).to(dev),
-            kept_valid=torch.arange(p, device=dev)[None, None] < kept_len[..., None],
-            buf_rows=buf_rows.to(dev), buf_len=buf_len.to(dev),
+            key=key, **{k: v.to(dev) for k, v in items.items()},
             retrieval=self._retrieval(stack("top_k", None), buf_len, buf_rows, stack("sum_rows", c),
                                       stack("n_chunks", None), stack("host_pages", c), stack("n_host", None)),
-            tail_start=as_t([0 if g is None else g.prompt_len for g in regions]),
+            tail_start=tail_start, tail_start_dev=torch.from_numpy(tail_start).to(dev),
             decode_start=as_t([0 if g is None else g.decode_start for g in regions]),
             interval=as_t([1 if g is None else g.retrieval_interval for g in regions]),
         )
+
+    def _prompt_items(self, kept_rows: torch.Tensor, kept_len: torch.Tensor, buf_rows: torch.Tensor,
+                      buf_len: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every layer's prompt items (kept rows, then buffer rows, per sequence), packed to ``(L, Ip, S)`` with
+        ``Ip`` the most any layer needs (on the host; the regions keep their tables there)."""
+        L, n = kept_len.shape
+        s = self.split
+        p_len = kept_len + buf_len
+        width = max(int(p_len.max()) if p_len.numel() else 0, 1)
+        k_items = -(-width // s)
+        col = torch.arange(k_items * s)
+        pad = lambda x: F.pad(x, (0, max(1, x.shape[-1]) - x.shape[-1]))  # a gather needs one column at least
+        kept = pad(kept_rows).gather(2, col.clamp(max=max(kept_rows.shape[-1], 1) - 1).expand(L, n, -1))
+        buf_col = (col[None, None] - kept_len[..., None]).clamp(min=0, max=max(buf_rows.shape[-1], 1) - 1)
+        buf = pad(buf_rows).gather(2, buf_col)
+        in_kept = col[None, None] < kept_len[..., None]
+        combo = torch.where(in_kept, kept, buf).view(L, n * k_items, s)
+        valid = (col[None, None] < p_len[..., None]).view(L, n * k_items, s)
+        is_buf = (~in_kept).view(L, n * k_items, s)
+        used = (torch.arange(k_items) * s)[None, None] < p_len[..., None]  # (L, n, k_items): items holding rows
+        ip = max(int(used.sum((1, 2)).max()) if used.numel() else 0, 0)
+        order = torch.sort((~used).view(L, -1).to(torch.uint8), dim=1, stable=True).indices[:, :ip]
+        live = used.view(L, -1).gather(1, order)  # items past a layer's own count stay empty
+        take = lambda x: x.gather(1, order[..., None].expand(-1, -1, s))
+        return {"rows": take(combo), "valid": take(valid) & live[..., None], "is_buf": take(is_buf),
+                "seq": order // k_items}
 
     def _retrieval(self, top_k: torch.Tensor, buf_len: torch.Tensor, buf_rows: torch.Tensor, sum_rows: torch.Tensor,
                    n_chunks: torch.Tensor, host_pages: torch.Tensor, n_host: torch.Tensor) -> list[_LayerRetrieval | None]:

@@ -51,7 +51,11 @@ def _attach_requests(result, *args, **kwargs):
     field by field before the backend sees it; the backend takes them in ``init_forward_metadata``.
     """
     batch = next((a for a in args if hasattr(a, "reqs") and not isinstance(a, type)), kwargs.get("batch"))
-    if batch is None or not batch.forward_mode.is_extend():
+    if batch is None:
+        return result
+    if result.req_pool_indices_cpu is None:  # SGLang keeps it for extend only; decode planning reads it too
+        result.req_pool_indices_cpu = batch.req_pool_indices_cpu
+    if not batch.forward_mode.is_extend():
         return result
     items = []
     for req in batch.reqs:
@@ -178,7 +182,9 @@ def _report_state(result, self, *args, **kwargs):
             "host_tier_pages_used": regions.host.used_pages,
             "host_tier_page_bytes": regions.host.page_bytes, "host_tier_limit_bytes": regions.host.limit,
             "host_tier_refusals": regions.host.refused,  # requests compressed static for want of host pages
-            "decode_batches": backend.decode_batches, "decode_plans_built": backend.planner.builds,
+            # SGLang's own count of decode forwards beside ours: a plan per forward, an attention call per layer.
+            "sglang_decode_forwards": int(sched.metrics_reporter.forward_ct_decode),
+            "decode_plans_built": backend.decode_plans, "decode_layer_calls": backend.decode_layer_calls,
             "decode_table_builds": backend.planner.table_builds,
             **backend.buffers.totals(),  # dynamic heads' host-tier traffic: rows copied of the rows selected
         })

@@ -20,7 +20,8 @@ class PoolBatch:
     """Pool buffers ``(slots, H, D)`` per layer, ``req_to_token``, free slots, regions and a planner."""
 
     def __init__(self, num_layers: int, h: int, d: int, slots: int, rows: int = 64, ctx: int = 1 << 17,
-                 chunk: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 7) -> None:
+                 chunk: int = 16, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 7,
+                 split: int | None = None) -> None:
         self.num_layers, self.h, self.d, self.dtype, self.device = num_layers, h, d, dtype, torch.device(device)
         self.k = [torch.zeros(slots, h, d, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(slots, h, d, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -30,7 +31,7 @@ class PoolBatch:
         self.host = HostTier(num_layers, chunk, d, dtype, device=device)
         self.regions = Regions(self.freed.append, self.host, slots)
         self.buffers = RetrievalBuffers(num_layers, slots * h, device)
-        self.planner = DecodePlanner(self.regions, num_layers, h, chunk, 0.25, self.device)
+        self.planner = DecodePlanner(self.regions, num_layers, h, chunk, 0.25, self.device, split)
 
     def alloc(self, n: int) -> torch.Tensor:
         if n > self.free.numel():

@@ -1,69 +1,84 @@
-"""The batched decode kernel (pool rows in place) against plain per-sequence attention, torch and Triton."""
+"""The batched decode kernel (pool rows in place, work items) against plain per-sequence attention, torch and Triton."""
 
 import pytest
 import torch
 
 from sglang_hybridkv.kernels.chunk_select import score_chunks_rows, score_chunks_rows_reference, select_chunks
-from sglang_hybridkv.kernels.row_decode import row_decode, row_decode_reference
+from sglang_hybridkv.kernels.row_decode import row_decode
 
 from .conftest import tol, triton_or_skip
 
 D = 64
 
 
-def _batch(lens, group, dtype, seed=0, width_pad=3):
-    """Sequences of ``lens`` valid rows scattered over a row buffer, with invalid columns interleaved."""
+def _batch(lens, group, dtype, split, seed=0):
+    """Sequences of ``lens`` rows scattered over a row buffer, cut into items of ``split`` columns with invalid
+    columns interleaved (a dropped buffer slot) and one empty item per sequence, items shuffled."""
     g = torch.Generator().manual_seed(seed)
     n = len(lens)
-    width = (max(lens) if lens else 0) + width_pad
-    rows = 5 * width * max(n, 1) + 7
-    k = torch.randn(rows, D, generator=g).to(dtype)
-    v = torch.randn(rows, D, generator=g).to(dtype)
+    total = 5 * (sum(lens) + split) + 7
+    k = torch.randn(total, D, generator=g).to(dtype)
+    v = torch.randn(total, D, generator=g).to(dtype)
     q = torch.randn(n, group, D, generator=g).to(dtype)
-    idx = torch.randint(0, rows, (n, width), generator=g)
-    valid = torch.zeros(n, width, dtype=torch.bool)
-    for i, m in enumerate(lens):  # valid columns at random places, not a prefix
-        valid[i, torch.randperm(width, generator=g)[:m]] = True
-    return q, k, v, idx, valid
+    rows, valid, seq = [], [], []
+    for i, m in enumerate(lens):
+        cols = torch.randint(0, total, (m + m // 3,), generator=g)
+        ok = torch.ones(cols.numel(), dtype=torch.bool)
+        ok[torch.randperm(cols.numel(), generator=g)[: m // 3]] = False  # holes: exactly m valid columns
+        for start in range(0, cols.numel() + 1, split):  # the last item may be empty or partial
+            part = torch.zeros(split, dtype=torch.long)
+            pv = torch.zeros(split, dtype=torch.bool)
+            c = cols[start: start + split]
+            part[: c.numel()], pv[: c.numel()] = c, ok[start: start + split]
+            rows.append(part), valid.append(pv), seq.append(i)
+    order = torch.randperm(len(seq), generator=g)
+    if not seq:
+        return q, k, v, torch.zeros(0, split, dtype=torch.long), torch.zeros(0, split, dtype=torch.bool), \
+            torch.zeros(0, dtype=torch.long)
+    return q, k, v, torch.stack(rows)[order], torch.stack(valid)[order], torch.tensor(seq)[order]
 
 
-def _independent(q, k, v, idx, valid, scale):
+def _independent(q, k, v, rows, valid, seq, scale):
+    """Each sequence's valid rows gathered into one list, one softmax."""
     out = torch.zeros(q.shape, dtype=torch.float32)
     for i in range(q.shape[0]):
-        rows = idx[i][valid[i]]
-        if rows.numel():
-            out[i] = torch.softmax(q[i].float() @ k[rows].float().T * scale, -1) @ v[rows].float()
+        mine = seq == i
+        r = rows[mine][valid[mine]]
+        if r.numel():
+            out[i] = torch.softmax(q[i].float() @ k[r].float().T * scale, -1) @ v[r].float()
     return out
 
 
-LENS = [[], [0], [1], [31], [33], [1, 0, 17, 300, 64], [5] * 16]
+LENS = [[], [0], [1], [31], [33], [1, 0, 17, 300, 64], [5] * 16, [700, 3, 0, 513]]
 
 
 @pytest.mark.parametrize("lens", LENS)
 @pytest.mark.parametrize("group", [1, 2, 7])
-def test_reference_matches_independent_attention(lens, group):
-    q, k, v, idx, valid = _batch(lens, group, torch.float32)
-    out = row_decode_reference(q, k, v, idx, valid, D ** -0.5)
-    torch.testing.assert_close(out, _independent(q, k, v, idx, valid, D ** -0.5), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("split", [16, 64])
+def test_torch_path_matches_independent_attention(lens, group, split):
+    q, k, v, rows, valid, seq = _batch(lens, group, torch.float32, split)
+    out = row_decode(q, k, v, rows, valid, seq, D ** -0.5, use_triton=False)
+    torch.testing.assert_close(out, _independent(q, k, v, rows, valid, seq, D ** -0.5), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("lens", LENS)
 @pytest.mark.parametrize("group", [1, 2, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_matches_reference(lens, group, dtype):
+def test_triton_matches_independent_attention(lens, group, dtype):
     triton_or_skip("cpu")
-    q, k, v, idx, valid = _batch(lens, group, dtype, seed=1)
-    ref = row_decode_reference(q, k, v, idx, valid, D ** -0.5)
-    out = row_decode(q, k, v, idx, valid, D ** -0.5, use_triton=True)
-    torch.testing.assert_close(out.float(), ref.float(), **tol(dtype))
+    q, k, v, rows, valid, seq = _batch(lens, group, dtype, 64, seed=1)
+    ref = _independent(q, k, v, rows, valid, seq, D ** -0.5)
+    out = row_decode(q, k, v, rows, valid, seq, D ** -0.5, use_triton=True)
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
 
 
-def test_triton_splits_long_rows():
-    """More columns than one split (256) exercises the log-sum-exp merge."""
-    triton_or_skip("cpu")
-    q, k, v, idx, valid = _batch([700, 3, 0, 513], 7, torch.float32, seed=2)
-    out = row_decode(q, k, v, idx, valid, D ** -0.5, use_triton=True)
-    torch.testing.assert_close(out, _independent(q, k, v, idx, valid, D ** -0.5), rtol=1e-4, atol=1e-4)
+def test_int32_rows_and_large_scores_stay_exact():
+    """Row ids as int32 (the pool's own dtype) and scores large enough to overflow a naive exp."""
+    q, k, v, rows, valid, seq = _batch([40, 90], 2, torch.float32, 16, seed=3)
+    q = q * 30
+    want = _independent(q, k, v, rows, valid, seq, D ** -0.5)
+    torch.testing.assert_close(row_decode(q, k, v, rows.int(), valid, seq, D ** -0.5, use_triton=False), want,
+                               rtol=1e-4, atol=1e-4)
 
 
 def _chunks(n, c, group, seed=0):

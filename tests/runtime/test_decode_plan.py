@@ -68,8 +68,9 @@ def _decode_against_reference(pool, rows, specs, refs, h, group, interval, steps
 
 @pytest.mark.parametrize("h,group", [(1, 1), (2, 2), (3, 7)])
 @pytest.mark.parametrize("interval", [1, 3])
-def test_mixed_batch_equals_per_request_reference(h, group, interval):
-    pool = PoolBatch(LAYERS, h, D, 3000)
+@pytest.mark.parametrize("split", [None, 16])
+def test_mixed_batch_equals_per_request_reference(h, group, interval, split):
+    pool = PoolBatch(LAYERS, h, D, 3000, split=split)
     specs = [("hybridkv", 0.1, 203), ("all_dynamic", 0.3, 150), (None, 1.0, 90), ("snapkv", 0.2, 61),
              ("hybridkv", 1.0, 37)]
     rows = [1, 2, 3, 5, 6]
@@ -189,3 +190,25 @@ def test_region_is_a_fraction_of_the_prompt():
     pool = PoolBatch(LAYERS, 3, D, 3000)
     _request(pool, 1, "hybridkv", 0.1, 2000, 3, seed=3)
     assert pool.regions.get(1).slots.numel() < 0.25 * 2000
+
+
+def test_one_long_request_does_not_widen_the_others():
+    """Each sequence's items cover its own rows (plus less than one item per part): a long uncompressed request
+    in the batch adds its own columns and nothing to the compressed requests' sequences."""
+    h, group, split = 2, 2, 32
+    pool = PoolBatch(LAYERS, h, D, 8000, split=split)
+    specs = [("hybridkv", 0.1, 400), ("snapkv", 0.1, 400), (None, 1.0, 4000)]
+    rows = [1, 2, 3]
+    for r, (p, b, n) in zip(rows, specs):
+        _request(pool, r, p, b, n, group, seed=r)
+    lens = torch.tensor([n for _, _, n in specs])
+    compressed = pool.planner.build(rows[:2], lens[:2], pool.req_to_token)
+    mixed = pool.planner.build(rows, lens, pool.req_to_token)
+    for l in range(LAYERS):
+        own = mixed.valid[l].sum(1)  # valid columns per item
+        for i in range(2 * h):  # the compressed requests' sequences: same items alone and in the mixed batch
+            alone_cols = int((compressed.seq[l] == i).sum()) * split
+            assert int((mixed.seq[l] == i).sum()) * split == alone_cols
+            assert alone_cols < int(own[mixed.seq[l] == i].sum()) + 2 * split
+        long_items = int((mixed.seq[l] >= 2 * h).sum())
+        assert long_items == h * -(-4000 // split)  # the long request's own items, nothing more

@@ -110,6 +110,7 @@ def test_bad_request_fields_get_400(hkv_server, params, words):
 
 
 def test_per_request_policy_and_no_leaks_at_idle(hkv_server, task):
+    copied = hybridkv_state(hkv_server)["retrieval_rows_copied"]
     for policy in ("snapkv", "none", "all_dynamic"):
         out = post(hkv_server + "/generate", {"text": task.text, "sampling_params": dict(
             GEN, max_new_tokens=4, custom_params={"hybridkv": {"policy": policy}})})
@@ -117,6 +118,10 @@ def test_per_request_policy_and_no_leaks_at_idle(hkv_server, task):
             assert "hybridkv" not in out["meta_info"]
         else:
             assert out["meta_info"]["hybridkv"]["policy"] == policy
+    # Every head dynamic: the media KV went to the host tier, and decoding fetched chunks from it.
+    stats = out["meta_info"]["hybridkv"]
+    assert stats["dynamic_heads"] == 30 * 3 and stats["kv_bytes_host"] > 0
+    assert hybridkv_state(hkv_server)["retrieval_rows_copied"] > copied
     # Every head dynamic at 0.05 cannot fit its chunk summaries into the budget: stats and the log say so.
     offset = len(server_log(hkv_server))
     out = post(hkv_server + "/generate", {"text": task.text, "sampling_params": dict(

@@ -104,7 +104,9 @@ def test_aborts_then_idle_clean(two_ranks):
     st = wait_idle(url)
     assert st["compacted_total"] == st["released_total"] > 0 and st["compressed_slots_held"] == 0
     assert st["host_tier_pages_used"] == 0 and st["host_tier_bytes"] == 0 and st["radix_protected_tokens"] == 0
-    assert st["decode_plans_built"] == st["decode_batches"] > 0  # rank 0: one decode plan per forward batch
+    # Rank 0: one decode plan per SGLang decode forward, read by each of the model's 2 layers.
+    assert st["decode_plans_built"] == st["sglang_decode_forwards"] > 0
+    assert st["decode_layer_calls"] == 2 * st["decode_plans_built"]
     get(url + "/health")
     out = post(url + "/generate", {"text": PROMPTS[1], "sampling_params": GEN})  # still serving after idling
     assert out["meta_info"]["hybridkv"]["compressed"]

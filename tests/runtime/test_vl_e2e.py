@@ -13,7 +13,8 @@ from sglang.lang.chat_template import get_chat_template
 
 from sglang_hybridkv.frontend import MediaEndpoint, video_data_url
 from sglang_hybridkv.testing.frames import data_url, frame_png, vl_prompt, write_clip
-from sglang_hybridkv.testing.server import decode_slot_counts, post, server_log, sglang_server, wait_idle
+from sglang_hybridkv.testing.server import (decode_slot_counts, hybridkv_state, post, server_log, sglang_server,
+                                            wait_idle)
 
 pytestmark = pytest.mark.slow
 LOG = ["--log-level", "info", "--decode-log-interval", "1"]
@@ -63,6 +64,11 @@ def test_images_are_the_media_span_and_are_compressed(none_vl, hkv_vl):
     # The pool has more free slots after compaction than a none server holding the same request.
     assert max(used_none) >= prompt + GEN["max_new_tokens"] - 2
     assert max(used_hkv) <= stats["kv_slots_device"] + GEN["max_new_tokens"] + 1 < max(used_none) / 3
+    # Every head dynamic: the image KV goes to the host tier and decoding fetches chunks of it.
+    copied = hybridkv_state(hkv_vl)["retrieval_rows_copied"]
+    dyn = post(hkv_vl + "/generate", _request(custom_params={"hybridkv": {"policy": "all_dynamic", "budget": 0.2}}))
+    assert dyn["meta_info"]["hybridkv"]["dynamic_heads"] == 2 * 2 and dyn["meta_info"]["hybridkv"]["kv_bytes_host"] > 0
+    assert hybridkv_state(hkv_vl)["retrieval_rows_copied"] > copied
 
 
 def test_openai_chat_with_images_and_no_leaks(hkv_vl):
