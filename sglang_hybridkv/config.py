@@ -90,10 +90,13 @@ class Knob:
         return text + (" or none" if self.optional else "")
 
     def parse(self, text: str) -> Any:
-        """The value of a command-line string (validated later, with the whole config)."""
+        """The value of a command-line string (its range is checked later, with the whole config)."""
         if self.optional and text.lower() in ("none", "auto"):
             return None
-        return self.kind(text)
+        try:
+            return self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: {self.allowed}") from None
 
 
 def knob(default: Any, kind: type, **spec: Any) -> Any:

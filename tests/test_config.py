@@ -124,6 +124,8 @@ def test_host_tier_limit_is_a_validated_knob():
     args = ["--kv-compression", "hybridkv", "--hybridkv-host-tier-gb"]
     assert HybridKVConfig.from_cli(parser.parse_args(args + ["2.5"])).host_tier_gb == 2.5
     assert HybridKVConfig.from_cli(parser.parse_args(args + ["auto"])).host_tier_gb is None
+    with pytest.raises(SystemExit):  # argparse: "'lots' is not allowed: (0.0, 1048576.0] or none"
+        parser.parse_args(args + ["lots"])
     for bad, words in ((0, "host_tier_gb=0 is out of range"), (-1.0, "(0.0, "), ("8", "a number")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             HybridKVConfig(host_tier_gb=bad)
