@@ -18,8 +18,9 @@ CUDA_COMPAT = os.path.join(os.path.dirname(sglang_hybridkv.testing.__file__), "c
 
 def _stand_in():
     """The stand-in package under a private name, so that this process's ``sgl_kernel`` stays untouched."""
-    spec = importlib.util.spec_from_file_location("cuda_sgl_kernel", os.path.join(CUDA_COMPAT, "sgl_kernel", "__init__.py"),
-                                                  submodule_search_locations=[os.path.join(CUDA_COMPAT, "sgl_kernel")])
+    package = os.path.join(CUDA_COMPAT, "sgl_kernel")
+    spec = importlib.util.spec_from_file_location("cuda_sgl_kernel", os.path.join(package, "__init__.py"),
+                                                  submodule_search_locations=[package])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

@@ -56,14 +56,14 @@ def model_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=448, intermediate_size=896, num_hidden_layers=2,
                       num_attention_heads=14, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
-                      initializer_range=0.2, tie_word_embeddings=True, rope_theta=10000.0,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                      initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
-    # transformers 5 writes rope_parameters; SGLang also reads the older top-level fields.
-    saved.update(torch_dtype="float32", rope_theta=10000.0)
+    # transformers 5 writes rope_parameters (theta 10000 by default); older readers look for the top-level field.
+    saved.update(torch_dtype="float32", rope_theta=saved.get("rope_parameters", {}).get("rope_theta", 10000.0))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(saved, f, indent=2)
     return path

@@ -77,6 +77,10 @@ def main() -> int:
     for name in MODULES:
         importlib.import_module(name)
     from sglang.srt.plugins import load_plugins
+    from sglang.srt.utils.common import is_cuda
+
+    if not is_cuda():  # torch.version.cuda is None on a CPU-only torch build: SGLang took its CPU imports
+        raise RuntimeError("SGLang did not see CUDA: the simulation needs a CUDA build of torch")
 
     load_plugins()
     import sgl_kernel.utils
