@@ -10,15 +10,14 @@
 # Then checks it here: the wheels install with --no-index into a scratch folder under Python 3.12 (when one is
 # found) and their compiled modules import there; and SGLang's launch path imports with CUDA simulated over only
 # the GPU machine's packages plus the bundle (`sglang_hybridkv/testing/cuda_compat/launch_imports.py`). Prints
-# the bundle's size and that of what travels with it (bundle + repository). Needs .venv (scripts/setup.sh) and PyPI.
+# the bundle's size and that of what travels with it (bundle + repository). Sets up .venv if needed; needs PyPI.
 #   bash scripts/gpu_bundle.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$PWD
 out=.gpu
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/sglang-hybridkv/gpu-wheels
 py=.venv/bin/python
-[ -x "$py" ] || { echo "gpu_bundle: run scripts/setup.sh first (.venv is used for the tokenizer and the checks)" >&2; exit 1; }
+bash scripts/setup.sh  # .venv: the tokenizer's GGUF, the project's wheel build and the checks
 
 # Distributions SGLang 0.5.23's server launch path imports that the GPU machine lacks (versions: requirements/cpu.txt).
 WHEELS="annotated-types apache-tvm-ffi cffi compressed-tensors dill distro fastapi gguf ipython jsonschema
@@ -115,14 +114,15 @@ for cand in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12
   if "$cand" -c pass 2>/dev/null; then py312=$cand; break; fi
 done
 if [ -n "$py312" ]; then
-  "$py312" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --target "$tmp/site312" "$out"/wheels/*.whl
-  PYTHONPATH="$tmp/site312" "$py312" -c "import pydantic_core, zmq, orjson, msgspec, rpds, setproctitle, pybase64, \
-_cffi_backend, tvm_ffi, sglang_hybridkv; print('  compiled modules import under', __import__('sys').version.split()[0])"
+  "$py312" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --target "$tmp/site312" \
+    "$out"/wheels/*.whl
+  PYTHONPATH="$tmp/site312" "$py312" -c "import sys, pydantic_core, zmq, orjson, msgspec, rpds, setproctitle, \
+pybase64, _cffi_backend, tvm_ffi, sglang_hybridkv; print('  compiled modules import under', sys.version.split()[0])"
 else
   echo "  no Python 3.12 here: install check skipped" >&2
 fi
 
-echo "[gpu_bundle] checking: SGLang's launch path imports with CUDA simulated over the GPU machine's packages + bundle ..." >&2
+echo "[gpu_bundle] checking: SGLang's launch path imports, CUDA simulated, from the GPU machine's packages + bundle ..." >&2
 # A folder holding only those distributions (this .venv's copies of the GPU machine's packages, of the same
 # versions as the bundle's for the wheels), the trimmed SGLang and the project's wheel; `python -S` sees no other.
 mkdir -p "$tmp/site"
@@ -150,4 +150,5 @@ env -u PYTHONPATH -u SGLANG_USE_CPU_ENGINE -u TRITON_INTERPRET PYTHONPATH="$tmp/
 
 bundle=$(du -sb "$out" | cut -f1)
 tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-awk -v b="$bundle" -v t="$tree" 'BEGIN { printf "gpu bundle: %.1f MiB in .gpu/; with the repository %.1f MiB (target <= 30)\n", b / 2^20, (b + t) / 2^20 }'
+awk -v b="$bundle" -v t="$tree" 'BEGIN {
+  printf "gpu bundle: %.1f MiB in .gpu/; with the repository %.1f MiB (target <= 30)\n", b / 2^20, (b + t) / 2^20 }'

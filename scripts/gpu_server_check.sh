@@ -58,8 +58,8 @@ cat "$out/setup.log"
 set +e
 
 if [ "$mode" = server ]; then
-  timeout 360 "$py" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$repo" -c "$repo/pyproject.toml" \
-    -m gpu "$repo/tests/gpu/test_server_gpu.py" 2>&1 | tee "$out/server-test.log"
+  timeout 360 "$py" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$repo" \
+    -c "$repo/pyproject.toml" -m gpu "$repo/tests/gpu/test_server_gpu.py" 2>&1 | tee "$out/server-test.log"
   rc=${PIPESTATUS[0]}
 else
   model=$work/llama-8b-dummy
