@@ -14,7 +14,7 @@
 # check's own (0 = all passed).
 #   bash scripts/gpu_server_check.sh OUTDIR [server|serving]
 # With the device tool: run(command="bash scripts/gpu_server_check.sh $OUT", carry=[".gpu"], timeout_s=480).
-set -euo pipefail
+set -euo pipefail  # (not inside the `{ ...; } || fail` blocks below: their steps are chained with &&)
 usage() { echo "usage: bash scripts/gpu_server_check.sh OUTDIR [server|serving]" >&2; exit 2; }
 [ $# -ge 1 ] && [ $# -le 2 ] || usage
 mode=${2:-server}
@@ -33,7 +33,7 @@ compat=$repo/sglang_hybridkv/testing/cuda_compat
 {
   echo "== bundle install ($(date -u +%H:%M:%S))"
   "$py" -m pip install -q --root-user-action=ignore --disable-pip-version-check --no-index --no-deps --no-compile \
-    --target "$site" .gpu/wheels/*.whl
+    --target "$site" .gpu/wheels/*.whl &&
   tar -C "$site" -xJf .gpu/sglang-0.5.23-trimmed.tar.xz
 } >"$out/setup.log" 2>&1 || { cat "$out/setup.log" >&2; exit 1; }
 # The environment the simulated-CUDA import test (tests/test_cuda_stand_in.py) checks SGLang's launch path with.
@@ -51,7 +51,8 @@ cd "$work"
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__,
       'transformers', transformers.__version__, 'sglang', m.version('sglang'))
 print('sglang-hybridkv from', sglang_hybridkv.__file__)
-import sgl_kernel; print('sgl_kernel from', sgl_kernel.__file__)"
+assert torch.cuda.is_available(), 'no CUDA device: the GPU tests would only be skipped'
+import sgl_kernel; print('sgl_kernel from', sgl_kernel.__file__)" &&
   env | grep -E '^(SGLANG_|PYTHONPATH=|HYBRIDKV_)' | sort
 } >>"$out/setup.log" 2>&1 || { cat "$out/setup.log" >&2; exit 1; }
 cat "$out/setup.log"
