@@ -2,11 +2,11 @@
 # One command for the lent GPU machine (Python 3.12, torch 2.11, Triton 3.6, no SGLang, no network), run from the
 # repository with .gpu/ beside it (scripts/gpu_bundle.sh, run where PyPI is reachable). Installs the bundle into a
 # scratch folder (pip --no-index --target; SGLang unpacked; the CUDA sgl_kernel stand-in first on PYTHONPATH), then:
-#   server  (default; ~4 of its 6-minute limit) tests/gpu/test_server_gpu.py: a tiny random Llama served with
+#   server  (default; stopped after 6 minutes) tests/gpu/test_server_gpu.py: a tiny random Llama served with
 #           --device cuda by stock SGLang and by --kv-compression hybridkv with decode graphs off and with
 #           breakable decode graphs on (same tokens; budget 1.0 == stock; graphs captured and replayed;
 #           dynamic heads copy rows from the host tier; no slot held at idle)
-#   serving (~5 of its 7-minute limit) benchmarks/serving.py on a Llama-3-8B-shaped model with random weights
+#   serving (stopped after 7 minutes) benchmarks/serving.py on a Llama-3-8B-shaped model with random weights
 #           (--load-format dummy, bf16, the SmolLM2 tokenizer) at one pool of 8192 tokens, 32 requests of
 #           ~1,230 prompt tokens and 160 output tokens each (ignore_eos): rows none, hybridkv@0.1 and the
 #           oracle (none on a pool big enough for hybridkv's concurrency); JSON with "device" naming the GPU
