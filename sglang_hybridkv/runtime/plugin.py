@@ -137,7 +137,8 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
         graphs = (f"; decode CUDA graphs {decode}" + (" (hybridkv attention runs eagerly between captured segments)"
                                                        if decode == "breakable" else "") + "; prefill CUDA graphs off")
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
-          f"overlap scheduling off{graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "
+          f"overlap scheduling off (compaction allocates and frees pool slots inside the last prefill layer's "
+          f"forward, which the scheduler preparing the next batch would race with){graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "
           f"{', '.join(config.overridable) or 'none'}", file=sys.stderr)
     return server_args
 

@@ -29,6 +29,13 @@ TARGETS: dict[str, str] = {
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.attach_aux_cache":
         "used: regions are the pool's aux cache (freed with their rows, cleared with the pool)",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": "AFTER: attach per-request info",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.req_pool_indices_cpu":
+        "read: a decode batch's rows on the host, carried to ForwardBatch.req_pool_indices_cpu (planning reads "
+        "no device value); instance attributes also read: Req.to_finish (set to FINISH_ABORT when a request's "
+        "compaction fails), SchedulerMetricsReporter.forward_ct_decode (SGLang's decode-forward count)",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.req_pool_indices_cpu":
+        "written for decode batches by the init_new hook (SGLang fills it for extend only)",
+    "sglang.srt.managers.schedule_batch.FINISH_ABORT": "used: abort a request whose compaction failed",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "AROUND: skip slots already freed at compaction",
     "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes":
         "AROUND: the busy-time memory check counts compressed regions",
