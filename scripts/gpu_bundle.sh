@@ -97,7 +97,10 @@ python3 -m zipfile -e "$cache"/sglang-0.5.23-cp312-cp312-*.whl "$tmp/sglang"
 tar -C "$tmp/sglang" -cJf "$out/sglang-0.5.23-trimmed.tar.xz" .
 
 echo "[gpu_bundle] building this repository's wheel and saving the SmolLM2 tokenizer ..." >&2
-.venv/bin/pip wheel -q --no-deps --no-build-isolation -w "$out/wheels" . >/dev/null
+# From a copy of what git sees (tracked and new files): a stale build/ or ignored file never enters the wheel.
+mkdir -p "$tmp/src"
+git ls-files -co --exclude-standard | while IFS= read -r f; do [ ! -e "$f" ] || cp --parents "$f" "$tmp/src"; done
+.venv/bin/pip wheel -q --no-deps --no-build-isolation -w "$out/wheels" "$tmp/src" >/dev/null
 "$py" - "$out/tokenizer" <<'EOF'
 import sys
 
