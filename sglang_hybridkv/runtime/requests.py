@@ -2,9 +2,10 @@
 
 A :class:`RequestHandle` lives on SGLang's ``Req`` object (``req.hybridkv``) and dies with it, so nothing
 per request outlives the request (stats of an aborted or retracted request included). The scheduler hooks
-create it; each extend batch hands the handles of its requests to the attention backend on the
-``ForwardBatch`` (``forward_batch.hybridkv_handles``), which fills in the window queries and, at
-compaction, the stats. Config parsing for the tokenizer side (per-request overrides) lives here too, so
+create it; the ``ForwardBatch.init_new`` hook hands an extend batch's handles to the attention backend
+(``scheduler_hooks._attach_requests``, through the backend's regions: SGLang's runner rebuilds the
+ForwardBatch with ``dataclasses.replace``, which drops attributes it does not declare), and the backend fills
+in the window queries and, at compaction, the stats. Config parsing for the tokenizer side (per-request overrides) lives here too, so
 that the launcher (``plugin``) and the scheduler hooks share it without importing each other.
 """
 
