@@ -83,8 +83,9 @@ def merge_items(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor, seq: torch.
 
 
 def _finite(m: torch.Tensor) -> torch.Tensor:
-    """``m`` with ``-inf`` replaced by 0 (an empty item or sequence subtracts nothing)."""
-    return torch.where(torch.isinf(m), 0.0, m)
+    """``m`` with ``-inf`` raised to a finite floor, so that an empty item or sequence gives ``exp(-inf) = 0``
+    rather than NaN (one op: the merge runs in every layer)."""
+    return m.clamp_min(-1e30)
 
 
 if triton is not None:
