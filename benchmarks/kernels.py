@@ -115,15 +115,16 @@ def _profile(fraction: float, path: str) -> str:
     return path
 
 
-def build(batch: int, tokens: int, cfg: HybridKVConfig | None, dtype, dev: str) -> tuple[PoolBatch, list, torch.Tensor]:
-    """A pool holding ``batch`` requests of ``tokens + TEXT`` prompt tokens and GEN generated tokens."""
-    n = tokens + TEXT
-    regions_rows = batch * (n if cfg is None else n // 3) + batch * (GEN + 1) + 64
-    pool = PoolBatch(LAYERS, HKV, D, regions_rows + 1, rows=batch + 1, ctx=n + GEN + 2, dtype=dtype, device=dev)
+def build_pool(specs: list[tuple[HybridKVConfig | None, int]], dtype, dev: str) -> tuple[PoolBatch, list, torch.Tensor]:
+    """A pool holding one request per ``(cfg, prompt tokens)`` of ``specs`` (kept whole where ``cfg`` is None,
+    else compressed with it), each with GEN + 1 tokens after its prompt. Returns the pool, the requests' rows and
+    their lengths."""
+    slots = sum((n if cfg is None else n // 3) + GEN + 1 for cfg, n in specs) + 64
+    ctx = max(n for _, n in specs) + GEN + 2
+    pool = PoolBatch(LAYERS, HKV, D, slots + 1, rows=len(specs) + 1, ctx=ctx, dtype=dtype, device=dev)
     g = torch.Generator(device=dev).manual_seed(0)  # on the device: host randn dominates a CUDA run otherwise
     rand = lambda *shape: torch.randn(*shape, generator=g, device=dev).to(dtype)
-    rows = list(range(1, batch + 1))
-    for r in rows:
+    for r, (cfg, n) in enumerate(specs, start=1):
         keys = [rand(HKV, n, D) for _ in range(LAYERS)]
         values = [rand(HKV, n, D) for _ in range(LAYERS)]
         if cfg is None:
@@ -135,39 +136,21 @@ def build(batch: int, tokens: int, cfg: HybridKVConfig | None, dtype, dev: str) 
         for l in range(LAYERS):
             pool.k[l][gen] = rand(GEN + 1, HKV, D)
             pool.v[l][gen] = rand(GEN + 1, HKV, D)
-    return pool, rows, torch.full((batch,), n + GEN + 1, dtype=torch.long)
+    return pool, list(range(1, len(specs) + 1)), torch.tensor([n + GEN + 1 for _, n in specs])
 
 
-def build_mixed(tokens: int, cfg: HybridKVConfig, dtype, dev: str, compressed: int = 7,
-                long_factor: int = 4) -> tuple[PoolBatch, list[int], list[int], torch.Tensor]:
-    """One pool holding ``compressed`` requests compressed with ``cfg`` and one uncompressed request of
-    ``long_factor`` times their length. Returns the pool, the compressed rows, the long row and every length."""
-    n, n_long = tokens + TEXT, long_factor * (tokens + TEXT)
-    slots = compressed * (n // 3 + GEN + 1) + n_long + GEN + 1 + 64
-    pool = PoolBatch(LAYERS, HKV, D, slots + 1, rows=compressed + 2, ctx=n_long + GEN + 2, dtype=dtype, device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g, device=dev).to(dtype)
-    lens = []
-    for r in range(1, compressed + 2):
-        m = n if r <= compressed else n_long
-        keys, values = [rand(HKV, m, D) for _ in range(LAYERS)], [rand(HKV, m, D) for _ in range(LAYERS)]
-        if r <= compressed:
-            pool.add_compressed(r, cfg, keys, values, [rand(HQ, cfg.window, D) for _ in range(LAYERS)], D ** -0.5)
-        else:
-            pool.add_uncompressed(r, keys, values)
-        gen = pool.alloc(GEN + 1)
-        pool.req_to_token[r, m: m + GEN + 1] = gen.int()
-        for l in range(LAYERS):
-            pool.k[l][gen], pool.v[l][gen] = rand(GEN + 1, HKV, D), rand(GEN + 1, HKV, D)
-        lens.append(m + GEN + 1)
-    return pool, list(range(1, compressed + 1)), [compressed + 1], torch.tensor(lens)
+def build(batch: int, tokens: int, cfg: HybridKVConfig | None, dtype, dev: str) -> tuple[PoolBatch, list, torch.Tensor]:
+    """A pool holding ``batch`` requests of ``tokens + TEXT`` prompt tokens and GEN generated tokens."""
+    return build_pool([(cfg, tokens + TEXT)] * batch, dtype, dev)
 
 
 def mixed_long_row(tokens: int, budget: float, profile: str, dtype, dev: str, repeat: int) -> dict:
     """The mixed case: 7 requests compressed with hybridkv plus one uncompressed request 4x their length, in one
     batch, against each group alone (same pool, same run). Per-layer milliseconds."""
     cfg = HybridKVConfig(policy="hybridkv", budget=budget, head_profile=profile)
-    pool, small, long, lens = build_mixed(tokens, cfg, dtype, dev)
+    n = tokens + TEXT
+    pool, rows, lens = build_pool([(cfg, n)] * 7 + [(None, 4 * n)], dtype, dev)
+    small, long = rows[:7], rows[7:]
     ms = lambda rows: timed(step_fn(pool, rows, lens[[r - 1 for r in rows]], dtype, dev), repeat, dev) / LAYERS
     row = {"case": "mixed_long", "tokens": tokens, "long_tokens": int(lens[-1]), "batch": len(small) + 1,
            "budget": budget, "policy": "hybridkv", "mixed_ms": ms(small + long), "long_alone_ms": ms(long),
@@ -295,7 +278,7 @@ def main(argv=None) -> dict:
               f"{r['plan_ms']:>8.3f}{graph_cols} {r['device_rows_ratio']:>9.1f}x")
     mixed = [r for r in rows_out if r.get("case") == "mixed_long"]
     if mixed:
-        print(f"\nMixed batch: 7 compressed (hybridkv) + 1 uncompressed of 4x their length, ms per layer")
+        print("\nMixed batch: 7 compressed (hybridkv) + 1 uncompressed of 4x their length, ms per layer")
         print(f"{'tokens':>7} {'long':>6} {'budget':>6} {'mixed':>9} {'long alone':>11} {'compr. alone':>13} "
               f"{'mixed/sum':>10}")
         for r in mixed:

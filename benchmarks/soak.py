@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_hybridkv.testing.frames import data_url, frame_png, vl_prompt  # noqa: E402
 from sglang_hybridkv.testing.models import cached_checkpoint  # noqa: E402
-from sglang_hybridkv.testing.server import hybridkv_state, server_log, sglang_server  # noqa: E402
+from sglang_hybridkv.testing.server import abandon_after, hybridkv_state, server_log, sglang_server  # noqa: E402
 
 FIELDS = ("requests", "completed", "aborted", "refused_4xx", "errors_5xx", "leaked_slots", "leaked_host_bytes",
           "radix_locks", "rss_growth_mb", "host_tier_peak_bytes", "wall_s")
@@ -224,11 +223,7 @@ async def _abandon(session, url: str, body: dict, kind: str, rng: random.Random)
                         return  # leaving the block closes the connection mid-answer
 
     if kind == "abort_prefill":
-        job = asyncio.ensure_future(consume())
-        await asyncio.sleep(rng.uniform(0.0, 0.05))
-        job.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await job
+        await abandon_after(consume(), rng.uniform(0.0, 0.05))
     else:
         await consume()
     if state["status"] is not None and state["status"] >= 500:

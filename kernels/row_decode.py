@@ -125,7 +125,7 @@ if triton is not None:
 
 
 def _items_triton(q, k_rows, v_rows, rows, valid, seq, scale, block: int = 32):
-    n, g, d = q.shape
+    g, d = q.shape[1:]
     if d != next_pow2(d):
         raise ValueError(f"head_dim={d} must be a power of two for the Triton decode kernel")
     i, s = rows.shape

@@ -52,7 +52,8 @@ class HybridKVMixin:
         self.planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
                                      config.chunk_score_scale, k0.device)
         # Extend chunks of already-compacted requests (outputs re-prefilled after a retraction) replay decode
-        # token by token with their own planner, so that the decode path's per-batch counters stay exact.
+        # token by token with their own planner, so that their one-request plans do not evict the decode batch's
+        # cached tables.
         self.replay_planner = DecodePlanner(self.regions, num_layers, self.num_kv_heads, config.chunk_size,
                                             config.chunk_score_scale, k0.device)
         # Counted outside graph capture only, so that /server_info compares them with SGLang's own count of

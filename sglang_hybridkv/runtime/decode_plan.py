@@ -227,7 +227,7 @@ class DecodePlanner:
         self.chunk, self.score_scale, self.device = chunk, score_scale, torch.device(device)
         self.split = split or (256 if self.device.type == "cuda" else 64)
         self._tables: _Tables | None = None
-        self.builds = 0  # plans built (one per decode forward batch); /server_info reports it
+        self.builds = 0  # plans built (the backend counts its own per forward for /server_info)
         self.table_builds = 0
 
     def build(self, rows: Sequence[int], seq_lens_cpu: torch.Tensor, req_to_token: torch.Tensor,
@@ -244,7 +244,7 @@ class DecodePlanner:
         if self._tables is None or self._tables.key != key:
             self._tables = self._build_tables(key, list(rows))
             self.table_builds += 1
-        t, dev, h, s = self._tables, self.device, self.h, self.split
+        t, dev, h = self._tables, self.device, self.h
         lens = seq_lens_cpu.numpy().astype(np.int64)
         if seq_lens is None:
             seq_lens = torch.from_numpy(lens).to(dev, non_blocking=True)
@@ -339,7 +339,7 @@ class DecodePlanner:
         valid = (col[None, None] < p_len[..., None]).view(L, n * k_items, s)
         is_buf = (~in_kept).view(L, n * k_items, s)
         used = (torch.arange(k_items) * s)[None, None] < p_len[..., None]  # (L, n, k_items): items holding rows
-        ip = max(int(used.sum((1, 2)).max()) if used.numel() else 0, 0)
+        ip = int(used.sum((1, 2)).max()) if used.numel() else 0
         order = torch.sort((~used).view(L, -1).to(torch.uint8), dim=1, stable=True).indices[:, :ip]
         live = used.view(L, -1).gather(1, order)  # items past a layer's own count stay empty
         take = lambda x: x.gather(1, order[..., None].expand(-1, -1, s))

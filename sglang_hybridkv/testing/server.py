@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import contextlib
 import json
@@ -14,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator
+from typing import Awaitable, Iterator
 
 CPU_COMPAT = os.path.join(os.path.dirname(__file__), "cpu_compat")
 
@@ -88,6 +89,16 @@ def generate_all(url: str, requests: list[dict], sampling_params: dict | None = 
         return [post(url + "/generate", r) for r in reqs]
     with cf.ThreadPoolExecutor(len(reqs)) as ex:
         return list(ex.map(lambda r: post(url + "/generate", r), reqs))
+
+
+async def abandon_after(request: Awaitable, seconds: float) -> None:
+    """Run ``request`` and walk away from it after ``seconds`` (a client that leaves while its request is queued
+    or prefilling): the task is cancelled, which closes its connection."""
+    task = asyncio.ensure_future(request)
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def get(url: str, timeout: float = 30) -> dict:

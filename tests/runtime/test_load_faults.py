@@ -3,7 +3,6 @@ and SGLang's retraction happen), client aborts mid-prefill and mid-decode, bad r
 alive, budget-1.0 outputs equal an uncompressed server's, and nothing is leaked."""
 
 import asyncio
-import contextlib
 import json
 import re
 import random
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from sglang_hybridkv.testing.server import get, post, server_log, sglang_server, wait_idle
+from sglang_hybridkv.testing.server import abandon_after, get, post, server_log, sglang_server, wait_idle
 
 pytestmark = pytest.mark.slow
 N_REQUESTS = 220
@@ -56,11 +55,7 @@ async def _send(session, url, kind, prompt, params, rng):
                         return  # leaving the block closes the connection mid-decode
 
         if kind == "abort_prefill":  # the client goes away while the request is queued or prefilling
-            task = asyncio.ensure_future(consume())
-            await asyncio.sleep(rng.uniform(0.0, 0.05))
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await abandon_after(consume(), rng.uniform(0.0, 0.05))
         else:
             await consume()
         return kind, seen["chunks"]
