@@ -2,9 +2,10 @@
 
 Starts SGLang itself (CPU by default) with ``--max-total-tokens POOL``: one server without compression and one
 with ``--kv-compression hybridkv``, whose rows pick policy and budget per request (``custom_params``), so every
-compressed row runs on the same pool in the same process. Both servers run with the radix cache and overlap
-scheduling off (the plugin turns overlap off; distinct prompts share little, and a tree of evictable prompts
-would blur what the pool holds), so the pool's free slots are the only variable. Each row sends all its long
+compressed row runs on the same pool in the same process. Both servers run with the radix cache off (distinct
+prompts share little, and a tree of evictable prompts would blur what the pool holds), so the pool's free slots
+are the only variable, and with SGLang's overlap scheduler on, its default (``--disable-overlap`` turns it off
+for both). Each row sends all its long
 requests at once through a small async streaming client and reads from SGLang's own decode log how many
 requests were running at once. Workloads: ``captions`` (captioned-video prompts, SmolLM2 with real weights) or
 ``images`` (videos as frames, each an image, on a tiny random Qwen2.5-VL: SGLang's multimodal path). Defaults
@@ -40,7 +41,7 @@ from sglang_hybridkv.testing.models import cached_checkpoint, kv_bytes_per_token
 from sglang_hybridkv.testing.server import decode_running_counts, decode_step_times, server_log, sglang_server
 
 LOG = ["--log-level", "info", "--decode-log-interval", "1"]
-BASELINE = ["--disable-radix-cache", "--disable-overlap-schedule"]
+BASELINE = ["--disable-radix-cache"]
 
 
 def parse_args(argv=None):
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--rows", default=None, help="comma list of policy@budget, e.g. none,snapkv@0.1,hybridkv@0.1")
     p.add_argument("--no-oracle", action="store_true", help="skip the big-pool none row")
+    p.add_argument("--disable-overlap", action="store_true",
+                   help="run every server with --disable-overlap-schedule (default: SGLang's overlap scheduler on)")
     p.add_argument("--cores", default=None,
                    help="CPU cores the servers' OpenMP threads are bound to (SGLANG_CPU_OMP_THREADS_BIND, e.g. '1' "
                         "to leave core 0 to other work); default: SGLang's own (all cores)")
@@ -204,8 +207,8 @@ def main(argv=None) -> dict:
     model = args.model_path or cached_checkpoint("tiny-qwen2.5-vl" if args.workload == "images" else "smollm2")
     per_token = kv_bytes_per_token(model, 4 if args.device == "cpu" else 2)
     rows: list[dict] = []
-    groups = [("none", BASELINE + LOG, args.pool_tokens),
-              ("hybridkv", ["--kv-compression", "hybridkv", "--disable-radix-cache"] + LOG, args.pool_tokens)]
+    common = BASELINE + LOG + (["--disable-overlap-schedule"] if args.disable_overlap else [])
+    groups = [("none", common, args.pool_tokens), ("hybridkv", ["--kv-compression", "hybridkv"] + common, args.pool_tokens)]
     t_start = time.time()
     while groups:
         server, extra, pool = groups.pop(0)
@@ -228,10 +231,10 @@ def main(argv=None) -> dict:
         if server == "hybridkv" and compressed and not args.no_oracle:
             # As many at once as the first compressed row ran: each holds its whole prompt and output.
             need = compressed[0]["peak_running"] * (compressed[0]["prompt"] + args.output_len)
-            groups.append(("oracle", BASELINE + LOG, int(need * 1.05) + 64))
+            groups.append(("oracle", common, int(need * 1.05) + 64))
     print_table(args.pool_tokens, rows)
     report = {"pool_tokens": args.pool_tokens, "device": args.device, "cores": args.cores or "all",
-              "model": model, "workload": args.workload,
+              "model": model, "workload": args.workload, "overlap_schedule": not args.disable_overlap,
               "frames": args.frames,
               "output_len": args.output_len, "rows": rows}
     if args.json:

@@ -3,8 +3,9 @@ batched decode path for every request of a batch.
 
 Prefill (chunked prefill included) is SGLang's own extend attention over its token pool (torch_native on
 CPU). In every extend batch :class:`~.compaction.CompactionBatch` stashes the prompt's window queries and,
-for the requests whose prefill completes, plans per KV head and moves what survives into pool slots
-(``pool_region``) and host-tier pages (``host_tier``), registered in :class:`~.regions.Regions`.
+for the requests whose prefill completes, plans per KV head and keeps a compact copy of what survives. The
+backend computes only: moving it into pool slots (``pool_region``) and host-tier pages (``host_tier``) and
+registering it in :class:`~.regions.Regions` is the scheduler side's (``compaction.Commit``, between forwards).
 
 Decode builds one :class:`~.decode_plan.DecodePlan` per forward batch in :meth:`init_forward_metadata`;
 each layer then runs one batched retrieval and one attention call over the pool rows
@@ -14,7 +15,9 @@ requests share that call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -61,10 +64,22 @@ class HybridKVMixin:
         self.decode_plans = 0
         self.decode_layer_calls = 0
         self._counting = False
+        self._requests: dict[int, tuple] = {}  # this forward's extend handles (see :meth:`extend_requests`)
         self._compaction: CompactionBatch | None = None
         self._plan: DecodePlan | None = None
         self._kv_loc: torch.Tensor | None = None  # this decode batch's new-token slots
         self._replays: list[tuple[int, list[DecodePlan]]] = []  # (first query row, one plan per token)
+
+    @contextlib.contextmanager
+    def extend_requests(self, requests: dict[int, tuple]) -> Iterator[None]:
+        """For the duration of one forward: the batch's compressed requests by ``req_to_token`` row,
+        ``row -> (handle, full length)``. The scheduler hooks open this scope around the model worker's forward
+        (SGLang's ForwardBatch declares no field that could carry them)."""
+        self._requests = requests
+        try:
+            yield
+        finally:
+            self._requests = {}
 
     # ---- metadata, once per batch ------------------------------------------------------------------
     # SGLang's contract: host work in ``_out_graph`` (outside any CUDA graph), static device work in
@@ -89,8 +104,7 @@ class HybridKVMixin:
             return
         super().init_forward_metadata(forward_batch)  # prefill graphs are off: the parent's eager body
         if mode.is_extend() and not mode.is_target_verify():
-            incoming, self.regions.incoming = self.regions.incoming, {}
-            self._compaction = CompactionBatch.build(forward_batch, incoming, self.regions.tree_cache)
+            self._compaction = CompactionBatch.build(forward_batch, self._requests)
             if self.regions.live:
                 self._replays = self._plan_replays(forward_batch)
 
@@ -129,7 +143,7 @@ class HybridKVMixin:
             return o
         c.after_layer(layer, q, o, k_buf, v_buf, self.req_to_token_pool.req_to_token)
         if layer.layer_id == self.last_layer and c.finishing:
-            c.commit(self.allocator, self.req_to_token_pool, self.token_to_kv_pool, self.regions, self.host)
+            c.finish(self.token_to_kv_pool, self.req_to_token_pool.req_to_token)
         return o
 
     # ---- decode -------------------------------------------------------------------------------------
@@ -157,7 +171,7 @@ class HybridKVMixin:
 
 def _host_rows(forward_batch) -> list[int]:
     """The decode batch's ``req_to_token`` rows from the host copy the scheduler hooks put on the batch
-    (``scheduler_hooks._attach_requests``), so that planning reads no device value. At CUDA-graph replay the
+    (``scheduler_hooks._carry_host_rows``), so that planning reads no device value. At CUDA-graph replay the
     batch is SGLang's padded view, whose padded rows name row 0."""
     rows = forward_batch.req_pool_indices_cpu
     if rows is None:

@@ -9,24 +9,34 @@ tokens generated later, and attend over the compressed prompt exactly as they di
 in the compacting chunk through the torch reference (``core.attention.decode_attention``, teacher-forced),
 in later chunks through the backend's decode plan (``backend.forward_extend``).
 
-Per layer, right after the stock extend attention, :meth:`CompactionBatch.after_layer` plans with
-``core.compress`` (the same step the HF reference path runs) and keeps a compact copy; after the last
-layer :meth:`CompactionBatch.commit` allocates the region's pool slots and host pages, writes them and
-registers the region. A policy that ranks by the cross-layer prior (hybridkv's default) needs every layer
-before it can plan one: ``after_layer`` then computes the layer's share of the prior, and ``commit`` plans
-every layer from the pool (the prompt's KV is still there) once the prior is known. The prior is kept on the
-handle, so a re-prefill after retraction plans layer by layer again and replays its outputs in place. With the radix cache off the prompt's staging slots are freed first; with it on, the
-tree takes them over after this batch and the scheduler hooks drop the request's lock
-(``handle.pending_unlock``).
+Two steps, on two sides of SGLang, as its own memory management is split:
+
+- **Plan, inside the forward** (the attention backend computes): per layer, right after the stock extend
+  attention, :meth:`CompactionBatch.after_layer` plans with ``core.compress`` (the same step the HF reference
+  path runs) and keeps a compact copy. A policy that ranks by the cross-layer prior (hybridkv's default) needs
+  every layer before it can plan one: ``after_layer`` then computes the layer's share of the prior, and
+  :meth:`CompactionBatch.finish` (after the last layer) plans every layer from the pool, where the prompt's KV
+  still is. The planned request (:class:`PromptCompaction`) is left on its handle (``handle.pending``). No pool
+  slot, host page or radix entry is touched inside the forward. The prior is kept on the handle, so a
+  re-prefill after retraction plans layer by layer again and replays its outputs in place.
+- **Commit, on the scheduler side between forwards** (:class:`Commit`, called by the scheduler hooks when SGLang
+  processes the prefill batch's result, before it releases or checkpoints any of the batch's requests):
+  allocate the region's pool slots (evicting radix entries if needed) and host pages, copy the compact KV into
+  them, register the region, and give the prompt's staging slots back. With the radix cache off the staging
+  slots are freed first; with it on, the tree takes them over in the same result processing and the scheduler
+  hooks drop the request's lock (``handle.pending_unlock``). With SGLang's overlap scheduler the batch after a
+  compacting prefill is launched only once that result is processed (``scheduler_hooks``), so its decode plan
+  sees the committed region.
 
 Tensor parallelism: each rank holds a slice of every layer's KV heads (``layer.tp_k_head_num``) and compacts
 its own. Ranks agree through SGLang's TP group (gloo CPU group, small tensors, once per layer and request):
 the policies gather the per-head figures the budget allocation needs (``core/shard.py``), so head types and
 budgets are the one-rank ones; at commit the ranks take the largest slot count any of them needs (SGLang's
 scheduler runs on every rank with one slot pool per rank, and their allocations must stay identical), and the
-stats are summed over ranks (only rank 0's output reaches the tokenizer manager).
+stats are summed over ranks (only rank 0's output reaches the tokenizer manager). Every rank processes the
+same batch results in the same order, so commit's collectives line up as the forward's do.
 
-Faults are contained per request: an exception in a request's compaction (any layer, or commit) aborts that
+Faults are contained per request: an exception in a request's compaction (any layer, planning, or commit) aborts that
 request — SGLang finishes it after this forward with an HTTP 500 naming the stage and the error — and returns
 what it took (pool slots, host pages; its staging slots and radix lock go back through SGLang's own release of
 an aborted request), while the batch's other requests go on. Aborting rather than serving it uncompressed:
@@ -72,8 +82,9 @@ FAULT_ENV = "SGLANG_HYBRIDKV_TEST_FAULT"
 
 
 @dataclass
-class _Entry:
-    """One request of the extend batch that has window positions in this chunk or completes its fill."""
+class PromptCompaction:
+    """One request of the extend batch that has window positions in this chunk or completes its prompt; once
+    planned (``finish``), what the scheduler side commits."""
 
     handle: RequestHandle
     row: int
@@ -92,18 +103,32 @@ class _Entry:
         h = self.handle
         return prompt_media_mask(h.prompt_len, h.window, h.media_mask)
 
+    def plan(self, lid: int, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> CompressedLayer:
+        """Plan layer ``lid`` (``(H, L, D)`` prompt KV) and keep its compact copy."""
+        h = self.handle
+        plan = plan_layer(_policy(h.config), h.q_window.get(lid), keys, self.media_mask, lid, scaling, tp_shard(),
+                          h.prior)
+        self.plans[lid] = plan
+        self.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
+        return self.layers[lid]
+
+    def plan_all(self, kv_pool, prompt_slots: torch.Tensor) -> None:
+        """Plan every layer from the prompt's KV, still in the pool at ``prompt_slots``."""
+        for lid in range(kv_pool.layer_num):
+            k_buf, v_buf = kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid)
+            self.plan(lid, k_buf[prompt_slots].transpose(0, 1), v_buf[prompt_slots].transpose(0, 1),
+                      self.scaling[lid])
+
 
 class CompactionBatch:
     """Per extend batch: window-query stash and compaction (see the module docstring)."""
 
-    def __init__(self, entries: list[_Entry], radix: bool, tree_cache) -> None:
+    def __init__(self, entries: list[PromptCompaction]) -> None:
         self.entries = entries
         self.finishing = [e for e in entries if e.finishing]
-        self.radix = radix
-        self.tree_cache = tree_cache
 
     @classmethod
-    def build(cls, forward_batch, incoming: dict[int, tuple], tree_cache) -> "CompactionBatch | None":
+    def build(cls, forward_batch, incoming: dict[int, tuple]) -> "CompactionBatch | None":
         """From the handles the scheduler handed over for this batch (``row -> (handle, full length)``);
         None when nothing to do."""
         if not incoming:
@@ -124,12 +149,9 @@ class CompactionBatch:
                 if in_window or finishing:
                     if start == 0 or handle.q_filled is None:
                         handle.q_window, handle.q_filled = {}, torch.zeros(w, dtype=torch.bool)
-                    entries.append(_Entry(handle, rows[i], q_start, start, end, finishing))
+                    entries.append(PromptCompaction(handle, rows[i], q_start, start, end, finishing))
             q_start += q_len
-        if not entries:
-            return None
-        radix = tree_cache is not None and not getattr(tree_cache, "disable", True)
-        return cls(entries, radix=radix, tree_cache=tree_cache)
+        return cls(entries) if entries else None
 
     # ---- per layer ----------------------------------------------------------------------------------
     def after_layer(self, layer, q: torch.Tensor, o: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -149,9 +171,9 @@ class CompactionBatch:
             try:
                 self._layer(e, layer, q_all, o, k_cache, v_cache, req_to_token)
             except Exception as exc:  # noqa: BLE001 - contained: this request is aborted, the batch goes on
-                self._fail(e, f"layer {layer.layer_id}", exc)
+                _fail(e, f"layer {layer.layer_id}", exc)
 
-    def _layer(self, e: _Entry, layer, q_all: torch.Tensor, o: torch.Tensor, k_cache: torch.Tensor,
+    def _layer(self, e: PromptCompaction, layer, q_all: torch.Tensor, o: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, req_to_token: torch.Tensor) -> None:
         """:meth:`after_layer` for one request (``q_all``: ``(tokens, Hq, D)``)."""
         lid = layer.layer_id
@@ -176,7 +198,7 @@ class CompactionBatch:
         if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
             e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, e.media_mask, tp_shard())
             return
-        cl = self._plan(e, lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)
+        cl = e.plan(lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)
         if e.pos_end > h.prompt_len:  # outputs re-prefilled after a retraction
             first = e.q_start + h.prompt_len - e.pos_start
             last = e.q_start + e.pos_end - e.pos_start
@@ -187,50 +209,79 @@ class CompactionBatch:
                 replay, q_all[first:last], k_cache[out_slots], v_cache[out_slots], layer.scaling,
                 h.config.retrieval_interval, h.config.chunk_score_scale).to(o.dtype)
 
-    def _plan(self, e: _Entry, lid: int, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> CompressedLayer:
-        """Plan layer ``lid`` of ``e`` (``(H, L, D)`` prompt KV) and keep its compact copy."""
-        h = e.handle
-        plan = plan_layer(_policy(h.config), h.q_window.get(lid), keys, e.media_mask, lid, scaling, tp_shard(), h.prior)
-        e.plans[lid] = plan
-        e.layers[lid] = CompressedLayer(plan, keys, values)  # copies what it keeps
-        return e.layers[lid]
-
-    # ---- after the last layer -----------------------------------------------------------------------
-    def commit(self, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier) -> None:
-        """Move each finishing request's compressed prompt into the pool; a request whose commit raises is
-        aborted and gives back what it took (see the module docstring)."""
+    def finish(self, kv_pool, req_to_token: torch.Tensor) -> None:
+        """After the last layer: plan what waited for the cross-layer prior, and leave each finishing request's
+        planned compaction on its handle (``handle.pending``) for the scheduler side (:class:`Commit`)."""
         for e in self.finishing:
-            if e.handle.error is not None:
+            h = e.handle
+            if h.error is not None:
+                continue
+            try:
+                if e.priors and len(e.priors) == kv_pool.layer_num:  # every layer seen: the prior, then the plans
+                    h.prior = cross_layer_prior(e.priors, kv_pool.layer_num)
+                    e.plan_all(kv_pool, req_to_token[e.row, : h.prompt_len].long())
+            except Exception as exc:  # noqa: BLE001 - contained: this request is aborted, the batch goes on
+                _fail(e, "planning", exc)
+                continue
+            if len(e.layers) != kv_pool.layer_num:
+                h.q_window, h.q_filled = {}, None
+                logger.warning("hybridkv: request %s stays uncompressed: its observation window was not fully "
+                               "computed in this prefill", h.rid)
+                h.stats = {"policy": h.config.policy, "compressed": False, "prompt_tokens": h.prompt_len}
+                continue
+            h.pending = e
+
+
+class Commit:
+    """The scheduler side of compaction (see the module docstring): between forwards, move each planned request
+    into pool slots and host-tier pages and register its region.
+
+    Args:
+        allocator: SGLang's token-slot allocator (its KV cache is the pool the regions live in).
+        req_to_token_pool: SGLang's ``ReqToTokenPool`` (its aux cache is ``regions``).
+        tree_cache: SGLang's prefix cache; when on, it owns the prompt's staging slots and is evicted for room.
+    """
+
+    def __init__(self, allocator, req_to_token_pool, regions: Regions, tree_cache) -> None:
+        self.allocator = allocator
+        self.req_to_token_pool = req_to_token_pool
+        self.kv_pool = allocator.get_kvcache()
+        self.regions, self.host = regions, regions.host
+        self.tree_cache = tree_cache
+        self.radix = tree_cache is not None and not getattr(tree_cache, "disable", True)
+
+    def run(self, reqs) -> None:
+        """Commit the planned compaction of each of ``reqs`` (an extend batch whose result is being processed,
+        in batch order: the same on every TP rank). A request retracted or finished since its forward commits
+        nothing (a re-prefill plans again); one whose commit raises is aborted and gives back what it took."""
+        for req in reqs:
+            h = getattr(req, "hybridkv", None)
+            e = None if h is None else h.pending
+            if e is None:
+                continue
+            h.pending = None
+            if req.is_retracted or req.finished() or req.kv.req_pool_idx != e.row:
+                h.q_window, h.q_filled = {}, None
                 continue
             held = _Held()
             try:
-                self._commit(e, allocator, req_to_token_pool, kv_pool, regions, host, held)
+                self._commit(e, held)
             except Exception as exc:  # noqa: BLE001 - contained: this request is aborted, the batch goes on
-                held.release(e.row, allocator, regions, host)
-                self._fail(e, "commit", exc)
+                held.release(e.row, self.allocator, self.regions, self.host)
+                _fail(e, "commit", exc)
 
-    def _commit(self, e: _Entry, allocator, req_to_token_pool, kv_pool, regions: Regions, host: HostTier,
-                held: "_Held") -> None:
-        """:meth:`commit` for one request; what it takes is recorded in ``held`` as it goes."""
+    def _commit(self, e: PromptCompaction, held: "_Held") -> None:
+        """:meth:`run` for one request; what it takes is recorded in ``held`` as it goes."""
         shard = tp_shard()
-        h = e.handle
-        prompt_slots = req_to_token_pool.req_to_token[e.row, : h.prompt_len].long()
-        if e.priors and len(e.priors) == kv_pool.layer_num:  # every layer seen: the prior, then the plans
-            h.prior = cross_layer_prior(e.priors, kv_pool.layer_num)
-            self._plan_all(e, kv_pool, prompt_slots)
-        if len(e.layers) != kv_pool.layer_num:
-            h.q_window, h.q_filled = {}, None
-            logger.warning("hybridkv: request %s stays uncompressed: its observation window was not fully "
-                           "computed in this prefill", h.rid)
-            h.stats = {"policy": h.config.policy, "compressed": False, "prompt_tokens": h.prompt_len}
-            return
-        fallback = self._fit_host_tier(e, kv_pool, prompt_slots, host, shard)
+        h, kv_pool, host = e.handle, self.kv_pool, self.host
+        req_to_token = self.req_to_token_pool.req_to_token
+        fallback = self._fit_host_tier(e, req_to_token[e.row, : h.prompt_len].long(), shard)
         h.q_window, h.q_filled = {}, None
         n_slots = pool_region.slots_needed(e.layers)
         if shard is not None:  # one slot count on every rank: the most any rank's heads need
             n_slots = int(shard.gather(torch.tensor([n_slots], dtype=torch.int64)).max())
-        staging = req_to_token_pool.req_to_token[e.row, : h.prompt_len].clone()
-        slots = self._take_slots(allocator, req_to_token_pool, e, staging, n_slots, held)
+        staging = req_to_token[e.row, : h.prompt_len].clone()
+        slots = self._take_slots(e, staging, n_slots, held)
         if slots is None:
             logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed "
                            "form, even after evicting radix-cache entries (budget %.2f)", h.rid, h.config.budget)
@@ -248,7 +299,7 @@ class CompactionBatch:
         _inject("commit", h.rid)
         region = Region(h.rid, h.prompt_len, e.pos_end, h.config.retrieval_interval, slots, pages,
                         0 if self.radix else h.prompt_len, tables, int(pages.numel()) * host.page_bytes)
-        regions.add(e.row, region)
+        self.regions.add(e.row, region)
         held.registered = True
         h.stats = {**_stats(h, e, region, kv_pool, shard, host.on_device), "host_tier_fallback": fallback}
         h.pending_unlock = self.radix
@@ -263,18 +314,11 @@ class CompactionBatch:
                     h.config.budget, s["static_heads"], s["dynamic_heads"], s["kv_bytes_full"],
                     s["kv_bytes_device"], s["kv_bytes_full"] / max(1, s["kv_bytes_device"]), s["kv_bytes_host"])
 
-    def _plan_all(self, e: _Entry, kv_pool, prompt_slots: torch.Tensor) -> None:
-        """Plan every layer of ``e`` from the prompt's KV, still in the pool at ``prompt_slots``."""
-        for lid in range(kv_pool.layer_num):
-            k_buf, v_buf = kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid)
-            self._plan(e, lid, k_buf[prompt_slots].transpose(0, 1), v_buf[prompt_slots].transpose(0, 1),
-                       e.scaling[lid])
-
-    def _fit_host_tier(self, e: _Entry, kv_pool, prompt_slots: torch.Tensor, host: HostTier,
-                       shard: HeadShard | None) -> bool:
+    def _fit_host_tier(self, e: PromptCompaction, prompt_slots: torch.Tensor, shard: HeadShard | None) -> bool:
         """Keep the host tier within its limit: when the request's dynamic heads need more pages than it has
-        left (on any rank), plan the request again with every head static. Returns whether it did."""
-        h = e.handle
+        left (on any rank), plan the request again with every head static (the prompt's KV is still in the pool
+        at ``prompt_slots``). Returns whether it did."""
+        h, host, kv_pool = e.handle, self.host, self.kv_pool
         need = pool_region.host_pages_needed(e.layers)
         short = not host.fits(need)
         if shard is not None:  # every rank takes the same branch (the planning below gathers)
@@ -293,20 +337,14 @@ class CompactionBatch:
                 keys = kv_pool.get_key_buffer(lid)[prompt_slots].transpose(0, 1)
                 priors[lid] = layer_prior(policy, h.q_window[lid], keys, e.scaling[lid], e.media_mask, shard)
             h.prior = cross_layer_prior(priors, kv_pool.layer_num)
-        self._plan_all(e, kv_pool, prompt_slots)
+        e.plan_all(kv_pool, prompt_slots)
         return True
 
-    def _fail(self, e: _Entry, stage: str, exc: Exception) -> None:
-        """Abort ``e``'s request: compaction of it raised ``exc`` in ``stage``."""
-        message = (f"hybridkv: compaction of request {e.handle.rid} failed in {stage} "
-                   f"({type(exc).__name__}: {exc}); the request is aborted")
-        logger.error(message, exc_info=exc)
-        e.handle.fail(message)
-
-    def _take_slots(self, allocator, req_to_token_pool, e: _Entry, staging: torch.Tensor, n: int, held: "_Held"):
+    def _take_slots(self, e: PromptCompaction, staging: torch.Tensor, n: int, held: "_Held"):
         """``n`` slots for the region (recorded in ``held``); radix cache off: the prompt's staging slots are
         freed first."""
-        if self.radix:  # the tree takes the prompt's slots over after this batch
+        allocator = self.allocator
+        if self.radix:  # the tree takes the prompt's slots over when SGLang processes this result
             return held.take(_alloc(allocator, self.tree_cache, n))
         p = staging.numel()
         extra = None
@@ -316,11 +354,18 @@ class CompactionBatch:
                 return None
         # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
         # padding and the plugin's allocator hook drops it), so each slot is freed exactly once.
-        req_to_token_pool.req_to_token[e.row, :p] = 0
+        self.req_to_token_pool.req_to_token[e.row, :p] = 0
         allocator.free(staging[staging != 0])
         slots = held.take(_alloc(allocator, self.tree_cache, min(n, p)))  # just freed p slots: cannot fail
         return slots if extra is None else torch.cat([slots, extra])
 
+
+def _fail(e: PromptCompaction, stage: str, exc: Exception) -> None:
+    """Abort ``e``'s request: compaction of it raised ``exc`` in ``stage``."""
+    message = (f"hybridkv: compaction of request {e.handle.rid} failed in {stage} "
+               f"({type(exc).__name__}: {exc}); the request is aborted")
+    logger.error(message, exc_info=exc)
+    e.handle.fail(message)
 
 @dataclass
 class _Held:
@@ -371,7 +416,7 @@ def _policy(cfg):
     return make_policy(cfg)
 
 
-def _plan_stats(h: RequestHandle, e: _Entry, shard: HeadShard | None, local: dict | None = None) -> dict:
+def _plan_stats(h: RequestHandle, e: PromptCompaction, shard: HeadShard | None, local: dict | None = None) -> dict:
     """Stats of a planned request; ``local`` holds further per-rank figures. Whole-model figures: counts and
     bytes are summed over the TP ranks, the digest is over every rank's heads (collectives under TP)."""
     n_static = sum(int(p.static.sum()) for p in e.plans.values())
@@ -384,7 +429,7 @@ def _plan_stats(h: RequestHandle, e: _Entry, shard: HeadShard | None, local: dic
             "kept_digest": kept_digest(e.plans, None if shard is None else shard.gather)}
 
 
-def _stats(h: RequestHandle, e: _Entry, region: Region, kv_pool, shard: HeadShard | None,
+def _stats(h: RequestHandle, e: PromptCompaction, region: Region, kv_pool, shard: HeadShard | None,
            host_on_device: bool) -> dict:
     """Stats of a compacted request: every byte of the slots it holds counts as device KV, and its host-tier
     pages too when the tier had to live on the device. Under TP the slots are the same on every rank

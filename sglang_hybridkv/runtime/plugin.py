@@ -30,9 +30,10 @@ BACKEND = "hybridkv"
 # Architectures whose attention goes through RadixAttention with standard MHA/GQA KV (what the pool holds).
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                    "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", "LlavaQwenForCausalLM"}
-# Flags implied by --kv-compression: compaction frees and rewrites pool slots between batches, which the overlap
-# scheduler (next batch prepared while this one runs) would race with. The radix cache stays as the user sets it.
-IMPLIED = {"attention_backend": BACKEND, "disable_overlap_schedule": True}
+# Flags implied by --kv-compression. The overlap scheduler stays as the user sets it (on by default): compaction
+# commits its pool slots on the scheduler side between forwards, and only the batch right after a compacting
+# prefill waits for that prefill's result (scheduler_hooks). The radix cache stays as the user sets it too.
+IMPLIED = {"attention_backend": BACKEND}
 # On CUDA: decode graphs are SGLang's breakable ones, whose captured segments (projections, norms, MLPs) run
 # around our decode attention, called eagerly with this step's plan (its shapes follow the batch's regions, so
 # a whole-forward "full" graph cannot hold it). Prefill graphs are off: compaction runs inside the last
@@ -131,14 +132,16 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     os.environ[ENV_VAR] = config.to_json()
     logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
     radix = "off" if server_args.disable_radix_cache else "on (uncompressed prefixes shared, copy-on-compress)"
+    overlap = ("overlap scheduling off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule else
+               "overlap scheduling on (the batch after a compacting prefill waits for that prefill's result, whose "
+               "processing commits the compressed KV)")
     graphs = ""
     if server_args.device == "cuda":
         decode = _graph_backend(server_args, "decode") or "full"
         graphs = (f"; decode CUDA graphs {decode}" + (" (hybridkv attention runs eagerly between captured segments)"
                                                        if decode == "breakable" else "") + "; prefill CUDA graphs off")
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
-          f"overlap scheduling off (compaction allocates and frees pool slots inside the last prefill layer's "
-          f"forward, which the scheduler preparing the next batch would race with){graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "
+          f"{overlap}{graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "
           f"{', '.join(config.overridable) or 'none'}", file=sys.stderr)
     return server_args
 
@@ -277,7 +280,7 @@ def engine_server_args(**kwargs):
     """SGLang's ``ServerArgs`` for ``sgl.Engine(**kwargs)``, taking ``kv_compression`` and ``hybridkv_*``.
 
     Validates the knobs (``ConfigError``, a ValueError naming knob and range), refuses what does not work yet,
-    implies the attention backend and overlap scheduling off as the CLI does, and exports the config for the
+    implies the attention backend as the CLI does, and exports the config for the
     scheduler processes the engine spawns next. Without ``kv_compression`` (or with ``none``) the engine runs
     unchanged, also after a compressed engine in the same process.
     """

@@ -65,9 +65,6 @@ class Regions:
         self.host_bytes_peak = 0
         self.version = 0  # bumped on every change, so per-batch decode tables know when to rebuild
         self.admission_seen = 0  # ``compacted`` when the scheduler last reopened admission
-        # Handed over by the scheduler for the next extend batch, taken by the backend (see scheduler_hooks).
-        self.incoming: dict[int, tuple] = {}
-        self.tree_cache = None
 
     def add(self, row: int, region: Region) -> None:
         if row in self.by_row:

@@ -2,10 +2,10 @@
 
 A :class:`RequestHandle` lives on SGLang's ``Req`` object (``req.hybridkv``) and dies with it, so nothing
 per request outlives the request (stats of an aborted or retracted request included). The scheduler hooks
-create it; the ``ForwardBatch.init_new`` hook hands an extend batch's handles to the attention backend
-(``scheduler_hooks._attach_requests``, through the backend's regions: SGLang's runner rebuilds the
-ForwardBatch with ``dataclasses.replace``, which drops attributes it does not declare), and the backend fills
-in the window queries and, at compaction, the stats. Config parsing for the tokenizer side (per-request overrides) lives here too, so
+create it; the scheduler hooks hand an extend batch's handles to the attention backend for the duration of
+that batch's forward (``scheduler_hooks._scope_extend_requests``); the backend fills in the window queries and
+leaves the planned compaction (``pending``), which the scheduler side commits when it processes the batch's
+result, writing the stats. Config parsing for the tokenizer side (per-request overrides) lives here too, so
 that the launcher (``plugin``) and the scheduler hooks share it without importing each other.
 """
 
@@ -63,6 +63,8 @@ class RequestHandle:
         q_filled: ``(w,)`` bool, window positions whose queries have been seen.
         prior: ``(prompt_len,)`` the cross-layer prior of the first compaction (``core.compress``), kept so that a
             re-prefill after retraction plans each layer as it computes it, with the same ranking.
+        pending: the compaction planned inside the forward (``compaction.PromptCompaction``), until the scheduler
+            side commits it (``compaction.Commit``) while processing that batch's result.
         stats: what compaction measured (see :attr:`report` for what the request is told).
         exported: the ``stats`` object last counted in the Prometheus metrics (``runtime/metrics.py``).
         pending_unlock: compacted with the radix cache on: once SGLang has inserted the prompt into the tree,
@@ -78,6 +80,7 @@ class RequestHandle:
     q_window: dict[int, torch.Tensor] = field(default_factory=dict)
     q_filled: torch.Tensor | None = None
     prior: torch.Tensor | None = None
+    pending: object | None = None
     stats: dict | None = None
     pending_unlock: bool = False
     unlocked: bool = False
@@ -91,7 +94,7 @@ class RequestHandle:
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
         self.error = message
-        self.q_window, self.q_filled, self.pending_unlock = {}, None, False
+        self.q_window, self.q_filled, self.pending_unlock, self.pending = {}, None, False, None
         self.stats = {"policy": self.config.policy, "compressed": False, "error": message}
         req = None if self.req is None else self.req()
         if req is not None and not req.finished():

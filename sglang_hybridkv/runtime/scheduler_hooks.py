@@ -1,21 +1,35 @@
 """Hooks installed in SGLang scheduler processes when compression is on (see ``targets.TARGETS``).
 
 State flows along SGLang's own objects, never through a module-level store: a request's handle lives on its
-``Req`` (``requests.handle_of``); the scheduler hands the handles of an extend batch to the backend on the
-``ForwardBatch``; the backend's :class:`~.regions.Regions` is SGLang's ``ReqToTokenPool`` aux cache, which is
-how the scheduler-side hooks (admission, busy-time memory check, ``/server_info``) reach it.
+``Req`` (``requests.handle_of``); the scheduler hands the handles of an extend batch to the backend for the
+duration of that batch's forward (:func:`_scope_extend_requests`); the forward leaves each planned compaction on
+its handle, and the scheduler commits it when it processes that batch's result (:func:`_commit_compactions`);
+the backend's :class:`~.regions.Regions` is SGLang's ``ReqToTokenPool`` aux cache, which is how the
+scheduler-side hooks (commit, admission, busy-time memory check, ``/server_info``) reach it.
+
+Overlap scheduling: SGLang prepares and launches batch N+1 before it processes batch N's result. A decode step
+must read a compacted request's committed region, so when batch N left compactions to commit, batch N+1 waits
+for N's result (:func:`_wait_for_commit`, SGLang's own per-batch switch, which it also uses between two
+prefills); every other batch overlaps as in stock SGLang.
 """
 
 from __future__ import annotations
 
+from .compaction import Commit
 from .requests import handle_of
 
 
 def install(registry, hook_type) -> None:
     from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 
-    registry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _attach_requests,
+    registry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _carry_host_rows,
                       hook_type.AFTER)
+    registry.register("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation", _scope_extend_requests,
+                      hook_type.AROUND)
+    registry.register("sglang.srt.managers.scheduler.Scheduler.process_batch_result", _commit_compactions,
+                      hook_type.BEFORE)
+    registry.register("sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch", _wait_for_commit,
+                      hook_type.AROUND)
     registry.register("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_skip_compacted,
                       hook_type.AROUND)
     registry.register("sglang.srt.mem_cache.common.checkpoint_kv_cache", _unlock_compressed_prefix, hook_type.AFTER)
@@ -43,36 +57,57 @@ def _regions(req_to_token_pool):
     return aux if isinstance(aux, Regions) else None
 
 
-def _attach_requests(result, *args, **kwargs):
-    """Hand the backend, per request row of an extend batch, its handle and full length (prompt + outputs),
-    and the live prefix cache (its mode decides how compaction takes slots; it is evicted for room).
-
-    Through the regions rather than on the ForwardBatch, because SGLang's eager runner copies the batch
-    field by field before the backend sees it; the backend takes them in ``init_forward_metadata``.
-    """
+def _carry_host_rows(result, *args, **kwargs):
+    """A decode batch's ``req_to_token`` rows on the host: SGLang keeps ``req_pool_indices_cpu`` on the
+    ``ScheduleBatch`` but copies it to the ``ForwardBatch`` for extend batches only; decode planning reads it so
+    that it reads no device value."""
     batch = next((a for a in args if hasattr(a, "reqs") and not isinstance(a, type)), kwargs.get("batch"))
-    if batch is None:
-        return result
-    if result.req_pool_indices_cpu is None:  # SGLang keeps it for extend only; decode planning reads it too
+    if batch is not None and result.req_pool_indices_cpu is None:
         result.req_pool_indices_cpu = batch.req_pool_indices_cpu
-    if not batch.forward_mode.is_extend():
-        return result
-    items = []
+    return result
+
+
+def _scope_extend_requests(orig, self, batch=None, *args, **kwargs):
+    """Around the model worker's forward of an extend batch: hand the backend, per request row, the handle and
+    full length (prompt + outputs) of each compressed request, for that forward only."""
+    backend = self.model_runner.attn_backend
+    if batch is None or not batch.forward_mode.is_extend() or not hasattr(backend, "extend_requests"):
+        return orig(self, batch, *args, **kwargs)
+    requests = {}
     for req in batch.reqs:
         h = handle_of(req)
         if h.config is None:
-            items.append(None)
             continue
         if h.unlocked:  # a re-prefill after retraction: the next compaction unlocks again
             req.skip_radix_cache_insert = False
             h.unlocked = False
-        items.append((h, len(req.origin_input_ids) + len(req.output_ids)))
-    regions = _regions(batch.req_to_token_pool)
-    if regions is not None:
-        rows = [req.kv.req_pool_idx for req in batch.reqs]
-        regions.incoming = {r: x for r, x in zip(rows, items) if x is not None}
-        regions.tree_cache = getattr(batch, "tree_cache", None)
-    return result
+        requests[req.kv.req_pool_idx] = (h, len(req.origin_input_ids) + len(req.output_ids))
+    with backend.extend_requests(requests):
+        return orig(self, batch, *args, **kwargs)
+
+
+def _has_pending(batch) -> bool:
+    return batch is not None and any(getattr(getattr(r, "hybridkv", None), "pending", None) is not None
+                                     for r in batch.reqs)
+
+
+def _commit_compactions(self, batch, result, *args, **kwargs):
+    """Before SGLang processes an extend batch's result (which may release, checkpoint or abort its requests):
+    commit the compactions its forward planned, between forwards, on the scheduler side."""
+    if not _has_pending(batch):
+        return None
+    copy_done = getattr(result, "copy_done", None)
+    if copy_done is not None:  # the forward (and so its compact copies) is complete
+        copy_done.synchronize()
+    Commit(self.token_to_kv_pool_allocator, self.req_to_token_pool, _regions(self.req_to_token_pool),
+           self.tree_cache).run(batch.reqs)
+    return None
+
+
+def _wait_for_commit(orig, self, batch, last_batch=None, *args, **kwargs):
+    """Overlap scheduler: process the last batch's result before launching ``batch`` when that result has
+    compactions to commit, so that ``batch`` plans over the committed regions."""
+    return orig(self, batch, last_batch, *args, **kwargs) or _has_pending(last_batch)
 
 
 def _keep_window_uncached(orig, self, input_len, *args, **kwargs):

@@ -28,11 +28,20 @@ TARGETS: dict[str, str] = {
         "used: decode attention runs eagerly between the segments of SGLang's breakable decode CUDA graphs",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.attach_aux_cache":
         "used: regions are the pool's aux cache (freed with their rows, cleared with the pool)",
-    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": "AFTER: attach per-request info",
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new":
+        "AFTER: carry a decode batch's req_pool_indices_cpu",
+    "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation":
+        "AROUND: hand an extend batch's compressed requests to the backend for that forward",
+    "sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch":
+        "AROUND: the batch after one with compactions to commit waits for its result (overlap scheduler)",
+    "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.get_kvcache":
+        "used: the pool that compaction commits regions into (scheduler side)",
     "sglang.srt.managers.schedule_batch.ScheduleBatch.req_pool_indices_cpu":
         "read: a decode batch's rows on the host, carried to ForwardBatch.req_pool_indices_cpu (planning reads "
         "no device value); instance attributes also read: Req.to_finish (set to FINISH_ABORT when a request's "
-        "compaction fails), SchedulerMetricsReporter.forward_ct_decode (SGLang's decode-forward count)",
+        "compaction fails), Req.is_retracted and Req.kv.req_pool_idx (a request retracted before its commit "
+        "commits nothing), GenerationBatchResult.copy_done (the forward is complete before commit), "
+        "SchedulerMetricsReporter.forward_ct_decode (SGLang's decode-forward count)",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.req_pool_indices_cpu":
         "written for decode batches by the init_new hook (SGLang fills it for extend only)",
     "sglang.srt.managers.schedule_batch.FINISH_ABORT": "used: abort a request whose compaction failed",
@@ -55,6 +64,7 @@ TARGETS: dict[str, str] = {
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state":
         "AFTER: report pool and compressed-region counters in /server_info",
     "sglang.srt.managers.scheduler.Scheduler.process_batch_result":
+        "BEFORE: commit the compactions the batch's forward planned (slots, pages, radix, regions); "
         "AFTER: --enable-metrics, export compression metrics (runtime/metrics.py)",
     "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter":
         "used: current_scheduler_metrics_enabled and the scheduler's metric labels",

@@ -128,7 +128,8 @@ def test_engine_takes_the_flags_as_keyword_arguments(monkeypatch):
     monkeypatch.delenv("SGLANG_HYBRIDKV_CONFIG", raising=False)
     plugin._let_engine_take_flags()  # what register() does when sgl.Engine loads the plugin
     sa = Engine.server_args_class(model_path="m", device="cpu", kv_compression="snapkv", hybridkv_budget_tokens=64)
-    assert (sa.model_path, sa.attention_backend, sa.disable_overlap_schedule) == ("m", "hybridkv", True)
+    # Overlap scheduling stays as the caller set it (compaction commits between forwards): on by default.
+    assert (sa.model_path, sa.attention_backend, sa.disable_overlap_schedule) == ("m", "hybridkv", False)
     cfg = HybridKVConfig.from_env()
     assert (cfg.policy, cfg.budget_tokens) == ("snapkv", 64)
     # On CUDA, as on the command line: breakable decode graphs unless the engine's caller chose otherwise.
