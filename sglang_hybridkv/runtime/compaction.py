@@ -195,7 +195,7 @@ class CompactionBatch:
         keys = k_cache[slots].transpose(0, 1)  # (H, L, D)
         policy = _policy(h.config)
         e.scaling[lid] = layer.scaling
-        if policy.uses_prior() and h.prior is None:  # first compaction: plan at commit, with every layer's
+        if policy.uses_prior() and h.prior is None:  # first compaction: planned after the last layer (finish)
             e.priors[lid] = layer_prior(policy, h.q_window[lid], keys, layer.scaling, e.media_mask, tp_shard())
             return
         cl = e.plan(lid, keys, v_cache[slots].transpose(0, 1), layer.scaling)

@@ -106,8 +106,10 @@ def _commit_compactions(self, batch, result, *args, **kwargs):
 
 def _wait_for_commit(orig, self, batch, last_batch=None, *args, **kwargs):
     """Overlap scheduler: process the last batch's result before launching ``batch`` when that result has
-    compactions to commit, so that ``batch`` plans over the committed regions."""
-    return orig(self, batch, last_batch, *args, **kwargs) or _has_pending(last_batch)
+    compactions to commit, so that ``batch`` plans over the committed regions. Read from the queue of results
+    not processed yet (the batches as they ran: SGLang filters ``last_batch`` while forming ``batch``)."""
+    queued = getattr(self, "result_queue", ())
+    return orig(self, batch, last_batch, *args, **kwargs) or any(_has_pending(b) for b, _ in queued)
 
 
 def _keep_window_uncached(orig, self, input_len, *args, **kwargs):
