@@ -19,14 +19,14 @@ Two steps, on two sides of SGLang, as its own memory management is split:
   still is. The planned request (:class:`PromptCompaction`) is left on its handle (``handle.pending``). No pool
   slot, host page or radix entry is touched inside the forward. The prior is kept on the handle, so a
   re-prefill after retraction plans layer by layer again and replays its outputs in place.
-- **Commit, on the scheduler side between forwards** (:class:`Commit`, called by the scheduler hooks when SGLang
-  processes the prefill batch's result, before it releases or checkpoints any of the batch's requests):
+- **Commit, on the scheduler side between forwards** (:class:`Commit`, called by the scheduler hooks before SGLang
+  processes the prefill batch's result, so before it releases or checkpoints any of the batch's requests):
   allocate the region's pool slots (evicting radix entries if needed) and host pages, copy the compact KV into
   them, register the region, and give the prompt's staging slots back. With the radix cache off the staging
   slots are freed first; with it on, the tree takes them over in the same result processing and the scheduler
-  hooks drop the request's lock (``handle.pending_unlock``). With SGLang's overlap scheduler the batch after a
-  compacting prefill is launched only once that result is processed (``scheduler_hooks``), so its decode plan
-  sees the committed region.
+  hooks drop the request's lock (``handle.pending_unlock``). With SGLang's overlap scheduler the commit runs
+  before the next batch is formed (``scheduler_hooks``), so admission sees the freed slots and the next decode
+  plan the committed region.
 
 Tensor parallelism: each rank holds a slice of every layer's KV heads (``layer.tp_k_head_num``) and compacts
 its own. Ranks agree through SGLang's TP group (gloo CPU group, small tensors, once per layer and request):

@@ -31,8 +31,8 @@ BACKEND = "hybridkv"
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
                    "Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration", "LlavaQwenForCausalLM"}
 # Flags implied by --kv-compression. The overlap scheduler stays as the user sets it (on by default): compaction
-# commits its pool slots on the scheduler side between forwards, and only the batch right after a compacting
-# prefill waits for that prefill's result (scheduler_hooks). The radix cache stays as the user sets it too.
+# commits its pool slots on the scheduler side between forwards, before the next batch is formed
+# (scheduler_hooks). The radix cache stays as the user sets it too.
 IMPLIED = {"attention_backend": BACKEND}
 # On CUDA: decode graphs are SGLang's breakable ones, whose captured segments (projections, norms, MLPs) run
 # around our decode attention, called eagerly with this step's plan (its shapes follow the batch's regions, so
@@ -133,8 +133,7 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     logger.info("hybridkv: --kv-compression %s, config %s", config.policy, config.to_json())
     radix = "off" if server_args.disable_radix_cache else "on (uncompressed prefixes shared, copy-on-compress)"
     overlap = ("overlap scheduling off (--disable-overlap-schedule)" if server_args.disable_overlap_schedule else
-               "overlap scheduling on (the batch after a compacting prefill waits for that prefill's result, whose "
-               "processing commits the compressed KV)")
+               "overlap scheduling on (a prefill's compactions are committed before the next batch is formed)")
     graphs = ""
     if server_args.device == "cuda":
         decode = _graph_backend(server_args, "decode") or "full"

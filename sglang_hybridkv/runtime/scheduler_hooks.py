@@ -7,10 +7,10 @@ its handle, and the scheduler commits it when it processes that batch's result (
 the backend's :class:`~.regions.Regions` is SGLang's ``ReqToTokenPool`` aux cache, which is how the
 scheduler-side hooks (commit, admission, busy-time memory check, ``/server_info``) reach it.
 
-Overlap scheduling: SGLang prepares and launches batch N+1 before it processes batch N's result. A decode step
-must read a compacted request's committed region, so when batch N left compactions to commit, batch N+1 waits
-for N's result (:func:`_wait_for_commit`, SGLang's own per-batch switch, which it also uses between two
-prefills); every other batch overlaps as in stock SGLang.
+Overlap scheduling: SGLang forms and launches batch N+1 before it processes batch N's result. Admission must
+count the staging slots a compaction gives back, and a decode step must read a compacted request's committed
+region, so the compactions of N's result are committed before N+1 is formed (:func:`_commit_before_scheduling`);
+the rest of N's result is processed after N+1 is launched, as in stock SGLang.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def install(registry, hook_type) -> None:
                       hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler.Scheduler.process_batch_result", _commit_compactions,
                       hook_type.BEFORE)
-    registry.register("sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch", _wait_for_commit,
-                      hook_type.AROUND)
+    registry.register("sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run", _commit_before_scheduling,
+                      hook_type.BEFORE)
     registry.register("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_skip_compacted,
                       hook_type.AROUND)
     registry.register("sglang.srt.mem_cache.common.checkpoint_kv_cache", _unlock_compressed_prefix, hook_type.AFTER)
@@ -91,25 +91,30 @@ def _has_pending(batch) -> bool:
                                      for r in batch.reqs)
 
 
-def _commit_compactions(self, batch, result, *args, **kwargs):
-    """Before SGLang processes an extend batch's result (which may release, checkpoint or abort its requests):
-    commit the compactions its forward planned, between forwards, on the scheduler side."""
+def _commit(self, batch, result) -> None:
+    """Commit the compactions ``batch``'s forward planned (none left: nothing to do)."""
     if not _has_pending(batch):
-        return None
+        return
     copy_done = getattr(result, "copy_done", None)
     if copy_done is not None:  # the forward (and so its compact copies) is complete
         copy_done.synchronize()
     Commit(self.token_to_kv_pool_allocator, self.req_to_token_pool, _regions(self.req_to_token_pool),
            self.tree_cache).run(batch.reqs)
-    return None
 
 
-def _wait_for_commit(orig, self, batch, last_batch=None, *args, **kwargs):
-    """Overlap scheduler: process the last batch's result before launching ``batch`` when that result has
-    compactions to commit, so that ``batch`` plans over the committed regions. Read from the queue of results
-    not processed yet (the batches as they ran: SGLang filters ``last_batch`` while forming ``batch``)."""
-    queued = getattr(self, "result_queue", ())
-    return orig(self, batch, last_batch, *args, **kwargs) or any(_has_pending(b) for b, _ in queued)
+def _commit_before_scheduling(self, *args, **kwargs):
+    """Overlap scheduler: SGLang forms the next batch before it processes the last batch's result. Commit that
+    result's compactions first, between forwards, so that admission counts the staging slots they give back and
+    the next batch's decode plan reads the committed regions; the rest of the result is processed as usual,
+    overlapped with the next forward."""
+    for batch, result in getattr(self, "result_queue", None) or ():
+        _commit(self, batch, result)
+
+
+def _commit_compactions(self, batch, result, *args, **kwargs):
+    """Before SGLang processes an extend batch's result (which may release, checkpoint or abort its requests):
+    commit what is still pending (without overlap, the result is processed right after its forward)."""
+    _commit(self, batch, result)
 
 
 def _keep_window_uncached(orig, self, input_len, *args, **kwargs):

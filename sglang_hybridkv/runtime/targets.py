@@ -32,8 +32,9 @@ TARGETS: dict[str, str] = {
         "AFTER: carry a decode batch's req_pool_indices_cpu",
     "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation":
         "AROUND: hand an extend batch's compressed requests to the backend for that forward",
-    "sglang.srt.managers.scheduler.Scheduler.is_disable_overlap_for_batch":
-        "AROUND: the batch after one with compactions to commit waits for its result (overlap scheduler)",
+    "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run":
+        "BEFORE: overlap scheduler, commit the queued result's compactions before the next batch is formed "
+        "(reads Scheduler.result_queue)",
     "sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.get_kvcache":
         "used: the pool that compaction commits regions into (scheduler side)",
     "sglang.srt.managers.schedule_batch.ScheduleBatch.req_pool_indices_cpu":
