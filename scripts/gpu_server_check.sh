@@ -10,15 +10,18 @@
 #           (--load-format dummy, bf16, the SmolLM2 tokenizer) at one pool of 8192 tokens, 32 requests of
 #           ~1,230 prompt tokens and 160 output tokens each (ignore_eos): rows none, hybridkv@0.1 and the
 #           oracle (none on a pool big enough for hybridkv's concurrency); JSON with "device" naming the GPU
-# Every log and JSON goes to OUTDIR, at most 8 files (what the device tool brings back). Exit status: the
-# check's own (0 = all passed).
-#   bash scripts/gpu_server_check.sh OUTDIR [server|serving]
-# With the device tool: run(command="bash scripts/gpu_server_check.sh $OUT", carry=[".gpu"], timeout_s=480).
+#   all     server, then serving (one call: the machine starts once)
+# serving's workload can be changed with FRAMES (~13 prompt tokens each), POOL (tokens), REQUESTS, OUTPUT_LEN and
+# TAG (suffix of its JSON/log names), e.g. FRAMES=320 POOL=24576 TAG=-long for video-length prompts.
+# OUTDIR gets setup.log, the test's and the benchmark's output, serving-gpu$TAG.json and logs$TAG.tar.gz (every
+# server log): under the 8 files the device tool brings back. Exit status: the checks' own (0 = all passed).
+#   bash scripts/gpu_server_check.sh OUTDIR [server|serving|all]
+# With the device tool: run(command="bash scripts/gpu_server_check.sh $OUT all", carry=[".gpu"], timeout_s=600).
 set -euo pipefail  # (not inside the `{ ...; } || fail` blocks below: their steps are chained with &&)
-usage() { echo "usage: bash scripts/gpu_server_check.sh OUTDIR [server|serving]" >&2; exit 2; }
+usage() { echo "usage: bash scripts/gpu_server_check.sh OUTDIR [server|serving|all]" >&2; exit 2; }
 [ $# -ge 1 ] && [ $# -le 2 ] || usage
 mode=${2:-server}
-case $mode in server|serving) ;; *) usage ;; esac
+case $mode in server|serving|all) ;; *) usage ;; esac
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
@@ -40,7 +43,10 @@ compat=$repo/sglang_hybridkv/testing/cuda_compat
 # shellcheck disable=SC2046  # KEY=VALUE words
 export $("$py" -c "import sys; sys.path.insert(0, '$compat'); import launch_imports as l
 print(' '.join(f'{k}={v}' for k, v in l.ENV.items()))")
-export PYTHONPATH=$compat:$site PYTHONUNBUFFERED=1 HYBRIDKV_TOKENIZER=$repo/.gpu/tokenizer HYBRIDKV_GPU_LOG_DIR=$out
+tag=${TAG:-}
+logs=$work/logs
+mkdir -p "$logs"
+export PYTHONPATH=$compat:$site PYTHONUNBUFFERED=1 HYBRIDKV_TOKENIZER=$repo/.gpu/tokenizer HYBRIDKV_GPU_LOG_DIR=$logs
 unset SGLANG_USE_CPU_ENGINE TRITON_INTERPRET
 # From outside the repository: `sglang_hybridkv` is then the installed wheel (with its kernels subpackage).
 cd "$work"
@@ -58,23 +64,27 @@ import sgl_kernel; print('sgl_kernel from', sgl_kernel.__file__)" &&
 cat "$out/setup.log"
 set +e
 
-if [ "$mode" = server ]; then
-  timeout 360 "$py" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$repo" \
+rc=0
+if [ "$mode" != serving ]; then
+  timeout "${SERVER_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir "$repo" \
     -c "$repo/pyproject.toml" -m gpu "$repo/tests/gpu/test_server_gpu.py" 2>&1 | tee "$out/server-test.log"
   rc=${PIPESTATUS[0]}
-else
+  echo "server check: exit $rc"
+fi
+if [ "$mode" != server ]; then
   model=$work/llama-8b-dummy
   mkdir -p "$model"
   cp "$repo"/.gpu/tokenizer/* "$model"/
   cat >"$model/config.json" <<'EOF'
 {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16", "hidden_size": 4096,
  "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
- "head_dim": 128, "hidden_act": "silu", "vocab_size": 49152, "max_position_embeddings": 8192,
+ "head_dim": 128, "hidden_act": "silu", "vocab_size": 49152, "max_position_embeddings": 32768,
  "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2}
 EOF
   touch "$work/started"
-  timeout 420 "$py" - "$repo" "$model" "$out/serving-gpu.json" <<'EOF' 2>&1 | tee "$out/serving.log"
+  timeout "${SERVING_TIMEOUT:-420}" "$py" - "$repo" "$model" "$out/serving-gpu$tag.json" <<'EOF' 2>&1 | tee "$out/serving$tag.log"
 import json
+import os
 import sys
 
 import torch
@@ -97,14 +107,19 @@ def on_gpu(model_path, extra_args=None, max_total_tokens=16384, **kwargs):
 
 
 sglang_server, serving.sglang_server = serving.sglang_server, on_gpu
-report = serving.main(["--device", "cuda", "--model-path", model, "--pool-tokens", "8192", "--requests", "32",
-                       "--frames", "96", "--output-len", "160", "--rows", "none,hybridkv@0.1"])
+env = os.environ.get
+report = serving.main(["--device", "cuda", "--model-path", model, "--pool-tokens", env("POOL", "8192"),
+                       "--requests", env("REQUESTS", "32"), "--frames", env("FRAMES", "96"),
+                       "--output-len", env("OUTPUT_LEN", "160"), "--rows", "none,hybridkv@0.1"])
 report.update(device=torch.cuda.get_device_name(), model="Llama-3-8B-shaped, --load-format dummy, bf16")
 with open(out, "w") as f:
     json.dump(report, f, indent=2)
 EOF
-  rc=${PIPESTATUS[0]}
-  find /tmp -maxdepth 1 -name 'sglang-hybridkv-server-*.log' -newer "$work/started" -exec cp {} "$out"/ \;
+  serving_rc=${PIPESTATUS[0]}
+  echo "serving: exit $serving_rc"
+  [ "$serving_rc" = 0 ] || rc=$serving_rc
+  find /tmp -maxdepth 1 -name 'sglang-hybridkv-server-*.log' -newer "$work/started" -exec cp {} "$logs"/ \;
 fi
+tar -C "$logs" -czf "$out/logs$tag.tar.gz" .
 echo "gpu_server_check $mode: exit $rc; files in $out: $(ls "$out" | tr '\n' ' ')"
 exit "$rc"
