@@ -37,8 +37,7 @@ compat=$repo/sglang_hybridkv/testing/cuda_compat
   echo "== bundle install ($(date -u +%H:%M:%S))"
   "$py" -m pip install -q --root-user-action=ignore --disable-pip-version-check --no-index --no-deps --no-compile \
     --target "$site" .gpu/wheels/*.whl &&
-  tar -C "$site" -xJf .gpu/sglang-0.5.23-trimmed.tar.xz &&
-  cp "$compat/sglang_files/cutedsl_dual_gemm.py" "$site/sglang/kernels/ops/gemm/cutedsl_dual_gemm.py"
+  tar -C "$site" -xJf .gpu/sglang-0.5.23-trimmed.tar.xz
 } >"$out/setup.log" 2>&1 || { cat "$out/setup.log" >&2; exit 1; }
 # The environment the simulated-CUDA import test (tests/test_cuda_stand_in.py) checks SGLang's launch path with.
 # shellcheck disable=SC2046  # KEY=VALUE words

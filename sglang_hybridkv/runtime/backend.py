@@ -98,7 +98,7 @@ class HybridKVMixin:
         if mode.is_decode():  # the parent's decode metadata is never read: decode is ours
             self._counting = not in_capture
             self.decode_plans += self._counting
-            self._plan = self.planner.build(_host_rows(forward_batch), forward_batch.seq_lens_cpu,
+            self._plan = self.planner.build(_host_rows(forward_batch, in_capture), forward_batch.seq_lens_cpu,
                                             self.req_to_token_pool.req_to_token, forward_batch.seq_lens)
             self._kv_loc = forward_batch.out_cache_loc
             return
@@ -169,14 +169,17 @@ class HybridKVMixin:
                                  layer.scaling)
 
 
-def _host_rows(forward_batch) -> list[int]:
+def _host_rows(forward_batch, in_capture: bool = False) -> list[int]:
     """The decode batch's ``req_to_token`` rows from the host copy the scheduler hooks put on the batch
-    (``scheduler_hooks._carry_host_rows``), so that planning reads no device value. At CUDA-graph replay the
-    batch is SGLang's padded view, whose padded rows name row 0."""
-    rows = forward_batch.req_pool_indices_cpu
-    if rows is None:
+    (``scheduler_hooks._carry_host_rows``; at CUDA-graph replay ``_carry_host_rows_to_replay_view``), so that
+    planning reads no device value. At replay the batch is SGLang's padded view, whose padded rows name row 0;
+    SGLang's graph-capture batch names row 0 in every row and carries no host copy."""
+    rows = getattr(forward_batch, "req_pool_indices_cpu", None)
+    if rows is None and in_capture:
+        rows = torch.zeros(0, dtype=torch.int64)
+    elif rows is None:
         raise RuntimeError("hybridkv: a decode batch reached the backend without req_pool_indices_cpu "
-                           "(the ForwardBatch.init_new hook did not run)")
+                           "(the ForwardBatch.init_new or build_replay_fb_view hook did not run)")
     rows = rows.tolist()
     return rows + [0] * (forward_batch.seq_lens_cpu.shape[0] - len(rows))
 

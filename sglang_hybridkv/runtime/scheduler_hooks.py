@@ -24,6 +24,8 @@ def install(registry, hook_type) -> None:
 
     registry.register("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _carry_host_rows,
                       hook_type.AFTER)
+    registry.register("sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view",
+                      _carry_host_rows_to_replay_view, hook_type.AFTER)
     registry.register("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation", _scope_extend_requests,
                       hook_type.AROUND)
     registry.register("sglang.srt.managers.scheduler.Scheduler.process_batch_result", _commit_compactions,
@@ -65,6 +67,14 @@ def _carry_host_rows(result, *args, **kwargs):
     if batch is not None and result.req_pool_indices_cpu is None:
         result.req_pool_indices_cpu = batch.req_pool_indices_cpu
     return result
+
+
+def _carry_host_rows_to_replay_view(view, *args, **kwargs):
+    """At decode CUDA-graph replay SGLang hands the backend a view of the batch over the padded graph buffers,
+    and the view drops ``req_pool_indices_cpu``: carry the real rows over (the backend names padded rows itself)."""
+    forward_batch = kwargs["forward_batch"] if "forward_batch" in kwargs else args[0]
+    view.req_pool_indices_cpu = forward_batch.req_pool_indices_cpu
+    return view
 
 
 def _scope_extend_requests(orig, self, batch=None, *args, **kwargs):

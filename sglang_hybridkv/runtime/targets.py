@@ -30,6 +30,8 @@ TARGETS: dict[str, str] = {
         "used: regions are the pool's aux cache (freed with their rows, cleared with the pool)",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new":
         "AFTER: carry a decode batch's req_pool_indices_cpu",
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view":
+        "AFTER: carry req_pool_indices_cpu onto the padded view a decode CUDA-graph replay plans from",
     "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation":
         "AROUND: hand an extend batch's compressed requests to the backend for that forward",
     "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run":

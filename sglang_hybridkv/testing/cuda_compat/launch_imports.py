@@ -5,7 +5,8 @@
 ``torch.cuda`` is made to report one Hopper device (nothing is allocated on it), the CUDA ``sgl_kernel`` stand-in
 beside this file comes first on ``sys.path`` and the environment is the one ``scripts/gpu_server_check.sh`` sets,
 so a symbol SGLang imports from ``sgl_kernel`` on CUDA that the stand-in lacks fails here, not on the lent GPU.
-Then the layers a Llama / Qwen2-VL forward runs outside attention (RMSNorm, SiluAndMul, RoPE, M-RoPE) run once
+The MLP's GEMM choice is asked as Llama's layer constructor asks it. Then the layers a Llama / Qwen2-VL forward
+runs outside attention (RMSNorm, SiluAndMul, RoPE, M-RoPE) run once
 on CPU tensors and must dispatch to their torch paths: on the GPU the ``sgl_kernel`` ones would not be there.
 ``scripts/gpu_bundle.sh`` runs it over only the GPU machine's packages and the bundle. Exit status 0 when all
 of it works; otherwise the traceback of the first failure.
@@ -70,6 +71,21 @@ def check_forward_ops() -> list[str]:
     return [f"{r.op}:{r.backend}" for r in get_fused_op_trace()]
 
 
+def check_mlp_gemm_choice() -> None:
+    """The Llama / Qwen2 MLP asks SGLang's CuTe DSL dual GEMM whether it applies on every CUDA device (its module
+    imports ``cutlass``, absent on the GPU machine); the answer on Hopper must be "no": plain GEMMs."""
+    import torch
+    from sglang.srt.layers.dual_gemm import DualGemm
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+    gate_up = types.SimpleNamespace(quant_method=UnquantizedLinearMethod(), params_dtype=torch.bfloat16,
+                                    output_partition_sizes=[14336, 14336])
+    probe = DualGemm.__new__(DualGemm)
+    probe.down_proj, probe.tp_size, probe.max_tokens = None, 1, 0
+    if probe._select_mode(gate_up, 4096) is not None:
+        raise RuntimeError("the MLP chose SGLang's CuTe DSL dual GEMM, which the GPU machine cannot run")
+
+
 def main() -> int:
     os.environ.update(ENV)
     sys.path.insert(0, HERE)
@@ -88,6 +104,8 @@ def main() -> int:
     if not sgl_kernel.__file__.startswith(HERE):
         raise ImportError(f"sgl_kernel came from {sgl_kernel.__file__}, not the stand-in in {HERE}")
     print(f"imported {len(MODULES)} launch-path modules with CUDA simulated")
+    check_mlp_gemm_choice()
+    print("MLP: plain GEMMs (no CuTe DSL dual GEMM)")
     ops = check_forward_ops()
     print("forward ops:", " ".join(ops))
     if len(ops) != 5 or any(not op.endswith(":torch") for op in ops):

@@ -8,7 +8,8 @@ on a CPU, not on the GPU machine. No module-level ``__getattr__``, for the same 
 plain torch; ops only imported by features this project refuses or does not serve (quantized GEMMs, MoE, the
 HiCache host pool in ``kvcacheio``, GGUF kernels in ``quantization``) raise ``NotImplementedError`` naming the
 op. Submodules SGLang probes for an ImportError to pick a fallback (``flash_attn``, ``scalar_type``,
-``allreduce``, ``mamba``, ``elementwise``) are deliberately absent.
+``allreduce``, ``mamba``, ``elementwise``) are deliberately absent. Importing it also installs stand-ins for
+the few SGLang modules the GPU machine cannot import as shipped (``sglang_modules``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import sglang_modules
 from ._stub import unsupported
+
+sglang_modules.install()  # SGLang modules whose own imports the GPU machine lacks (see sglang_modules)
 
 __version__ = "0.0.0+hybridkv-cuda-stand-in"
 

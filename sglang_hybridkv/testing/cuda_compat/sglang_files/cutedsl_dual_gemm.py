@@ -1,5 +1,5 @@
-"""Stand-in for ``sglang/kernels/ops/gemm/cutedsl_dual_gemm.py`` (``scripts/gpu_server_check.sh`` copies it over
-SGLang's): SGLang's Llama MLP imports that module on every CUDA device to ask whether its CuTe DSL dual GEMM
+"""Stand-in for ``sglang.kernels.ops.gemm.cutedsl_dual_gemm`` (found through ``sgl_kernel.sglang_modules``):
+SGLang's Llama MLP imports that module on every CUDA device to ask whether its CuTe DSL dual GEMM
 applies, and the module imports ``cutlass`` (nvidia-cutlass-dsl), which the GPU machine lacks. The kernel is
 SM100-only, so on Hopper SGLang's own answer is "no" too; this one always says no, and the MLP runs its plain
 GEMMs."""
