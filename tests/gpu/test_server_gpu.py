@@ -97,53 +97,73 @@ def _serve(model_dir: str, log_dir: str, name: str, args: list[str], asks: dict)
     return run
 
 
+SERVERS = {"stock": (STOCK, {"b1.0": {}}), "eager": (HYBRIDKV + ["--disable-cuda-graph"], ASKS),
+           "graphs": (HYBRIDKV, ASKS)}
+
+
 @pytest.fixture(scope="module")
 def runs(model_dir, log_dir) -> dict:
-    return {"stock": _serve(model_dir, log_dir, "stock", STOCK, {"b1.0": {}}),
-            "eager": _serve(model_dir, log_dir, "hybridkv-eager", HYBRIDKV + ["--disable-cuda-graph"], ASKS),
-            "graphs": _serve(model_dir, log_dir, "hybridkv-graphs", HYBRIDKV, ASKS)}
+    """Every server, each started even if one before it failed to start (one GPU call then shows all of them);
+    a failed start is kept as ``{"failed": why}`` and fails the tests that read that server."""
+    out = {}
+    for name, (args, asks) in SERVERS.items():
+        try:
+            out[name] = _serve(model_dir, log_dir, "hybridkv-" + name if name != "stock" else name, args, asks)
+        except (RuntimeError, OSError) as e:  # start-up failure or timeout; an HTTP error from a request
+            out[name] = {"failed": f"{type(e).__name__}: {str(e)[-3000:]}"}
+    return out
+
+
+def _run(runs: dict, name: str) -> dict:
+    if "failed" in runs[name]:
+        pytest.fail(f"the {name} server failed: {runs[name]['failed']}")
+    return runs[name]
 
 
 def _meta(run: dict, ask: str) -> list[dict]:
     return [o["meta_info"]["hybridkv"] for o in run["outputs"][ask]]
 
 
-def test_budget_one_gives_stock_sglang_tokens(runs):
-    for server in ("eager", "graphs"):
-        assert all(m["compressed"] for m in _meta(runs[server], "b1.0")), f"{server}: budget 1.0 left uncompressed"
-        assert runs[server]["tokens"]["b1.0"] == runs["stock"]["tokens"]["b1.0"], server
+@pytest.mark.parametrize("server", ["eager", "graphs"])
+def test_budget_one_gives_stock_sglang_tokens(runs, server):
+    run, stock = _run(runs, server), _run(runs, "stock")
+    assert all(m["compressed"] for m in _meta(run, "b1.0")), f"{server}: budget 1.0 left uncompressed"
+    assert run["tokens"]["b1.0"] == stock["tokens"]["b1.0"], server
 
 
 def test_breakable_decode_graphs_give_the_eager_tokens(runs):
-    assert all(m["within_budget"] for m in _meta(runs["graphs"], "b0.1"))
+    graphs, eager = _run(runs, "graphs"), _run(runs, "eager")
+    assert all(m["within_budget"] for m in _meta(graphs, "b0.1"))
     for ask in ASKS:
-        assert runs["graphs"]["tokens"][ask] == runs["eager"]["tokens"][ask], ask
+        assert graphs["tokens"][ask] == eager["tokens"][ask], ask
 
 
 def test_decode_graphs_were_captured_and_replayed_on_every_step(runs):
-    log = runs["graphs"]["log"]
+    log = _run(runs, "graphs")["log"]
     assert "backend=breakable" in log, "the plugin's default decode graphs are SGLang's breakable ones"
     captured = CAPTURED.search(log)
     assert captured and 8 in {int(b) for b in captured.group(1).split(",")}, "no decode graph captured for 8"
     steps = DECODE_GRAPH.findall(log)
     assert steps and set(steps) == {"True"}, f"decode steps on a graph: {steps.count('True')} of {len(steps)}"
-    eager = DECODE_GRAPH.findall(runs["eager"]["log"])
-    assert eager and set(eager) == {"False"} and not CAPTURED.search(runs["eager"]["log"])
+    eager_log = _run(runs, "eager")["log"]
+    eager = DECODE_GRAPH.findall(eager_log)
+    assert eager and set(eager) == {"False"} and not CAPTURED.search(eager_log)
 
 
-def test_dynamic_heads_bring_rows_from_the_host_tier(runs):
-    for server in ("eager", "graphs"):
-        assert all(m["dynamic_heads"] > 0 for m in _meta(runs[server], "dynamic")), server
-        idle = runs[server]["idle"]
-        assert 0 < idle["retrieval_rows_copied"] <= idle["retrieval_rows_selected"], (server, idle)
+@pytest.mark.parametrize("server", ["eager", "graphs"])
+def test_dynamic_heads_bring_rows_from_the_host_tier(runs, server):
+    run = _run(runs, server)
+    assert all(m["dynamic_heads"] > 0 for m in _meta(run, "dynamic")), server
+    idle = run["idle"]
+    assert 0 < idle["retrieval_rows_copied"] <= idle["retrieval_rows_selected"], (server, idle)
 
 
-def test_every_slot_is_free_at_idle_and_one_plan_per_decode_forward(runs):
-    for server in ("eager", "graphs"):
-        idle = runs[server]["idle"]
-        assert "not_idle" not in idle, idle.get("not_idle")
-        assert idle["compressed_requests_live"] == 0 and idle["released_total"] == idle["compacted_total"] >= 24
-        assert idle["staging_available_tokens"] + idle["radix_evictable_tokens"] == idle["staging_max_total_tokens"]
-        # One plan per decode forward SGLang ran (graph replays included, captures not), one call per layer.
-        assert idle["decode_plans_built"] == idle["sglang_decode_forwards"] > 0
-        assert idle["decode_layer_calls"] == 2 * idle["decode_plans_built"]
+@pytest.mark.parametrize("server", ["eager", "graphs"])
+def test_every_slot_is_free_at_idle_and_one_plan_per_decode_forward(runs, server):
+    idle = _run(runs, server)["idle"]
+    assert "not_idle" not in idle, idle.get("not_idle")
+    assert idle["compressed_requests_live"] == 0 and idle["released_total"] == idle["compacted_total"] >= 24
+    assert idle["staging_available_tokens"] + idle["radix_evictable_tokens"] == idle["staging_max_total_tokens"]
+    # One plan per decode forward SGLang ran (graph replays included, captures not), one call per layer.
+    assert idle["decode_plans_built"] == idle["sglang_decode_forwards"] > 0
+    assert idle["decode_layer_calls"] == 2 * idle["decode_plans_built"]
