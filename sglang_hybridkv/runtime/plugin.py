@@ -21,7 +21,7 @@ import sys
 from ..config import ENV_VAR, FIELDS, ConfigError, HybridKVConfig
 from .host_tier import limit_bytes
 from .requests import active_config, request_config
-from .targets import IncompatibleSGLang, check_targets
+from .targets import IncompatibleSGLang, check_targets, check_version
 from .video_items import split_videos
 
 logger = logging.getLogger("sglang_hybridkv")
@@ -72,7 +72,7 @@ def register() -> None:
     _let_engine_take_flags()
     config = HybridKVConfig.from_env()
     if config is not None and config.enabled:
-        check_targets()
+        check_version()  # every target was checked where the flags were parsed, before this process started
         from . import scheduler_hooks
 
         scheduler_hooks.install(HookRegistry, HookType)
