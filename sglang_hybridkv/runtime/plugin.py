@@ -34,12 +34,14 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "
 # commits its pool slots on the scheduler side between forwards, before the next batch is formed
 # (scheduler_hooks). The radix cache stays as the user sets it too.
 IMPLIED = {"attention_backend": BACKEND}
-# On CUDA: decode graphs are SGLang's breakable ones, whose captured segments (projections, norms, MLPs) run
-# around our decode attention, called eagerly with this step's plan (its shapes follow the batch's regions, so
-# a whole-forward "full" graph cannot hold it). Prefill graphs are off: compaction runs inside the last
-# prefill layer and does host work. A user's own choice to turn decode graphs off is kept.
+# On CUDA: decode graphs off by default. The plan's shapes follow each batch's regions, so a whole-forward
+# "full" graph cannot hold our decode attention; SGLang's breakable graphs could (captured projections, norms
+# and MLPs around our attention, run eagerly), but in SGLang 0.5.23 their capture cannot store a language model's
+# output: "TypeError: Unsupported BCG output type: LogitsProcessorOutput" on the H200, 2026-12-04
+# (benchmarks/results/gpu-h200-2026-12-04/). A user who asks for breakable decode graphs gets them, and that
+# error. Prefill graphs are off: compaction runs inside the last prefill layer and does host work.
 IMPLIED_CUDA = {"disable_prefill_cuda_graph": True}
-IMPLIED_CUDA_DECODE_GRAPH = {"cuda_graph_backend_decode": "breakable"}
+IMPLIED_CUDA_DECODE_GRAPH = {"cuda_graph_backend_decode": "disabled"}
 # Settings by which a user chooses decode graphs (SGLang's precedence: JSON config, then the per-phase backend,
 # then the off-switches).
 DECODE_GRAPH_FIELDS = ("cuda_graph_config", "cuda_graph_backend_decode", "disable_decode_cuda_graph",
@@ -137,8 +139,10 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     graphs = ""
     if server_args.device == "cuda":
         decode = _graph_backend(server_args, "decode") or "full"
-        graphs = (f"; decode CUDA graphs {decode}" + (" (hybridkv attention runs eagerly between captured segments)"
-                                                       if decode == "breakable" else "") + "; prefill CUDA graphs off")
+        note = {"breakable": " (hybridkv attention runs eagerly between captured segments; SGLang 0.5.23's capture "
+                             "fails on a language model's output, see the plugin's IMPLIED_CUDA_DECODE_GRAPH)",
+                "disabled": " (SGLang 0.5.23's breakable decode graphs cannot capture a language model's output)"}
+        graphs = f"; decode CUDA graphs {decode}{note.get(decode, '')}; prefill CUDA graphs off"
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
           f"{overlap}{graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "
           f"{', '.join(config.overridable) or 'none'}", file=sys.stderr)
@@ -248,7 +252,7 @@ def _unsupported(sa, config: HybridKVConfig) -> str | None:
         decode, prefill = _graph_backend(sa, "decode"), _graph_backend(sa, "prefill")
         if decode in (None, "full"):
             problems.append("full decode CUDA graphs (the decode plan follows each batch's compressed regions; use "
-                            "--cuda-graph-backend-decode breakable, the default with compression, or disabled)")
+                            "--cuda-graph-backend-decode disabled, the default with compression, or breakable)")
         if prefill != "disabled":
             problems.append(f"prefill CUDA graphs ({prefill or 'breakable'}; compaction runs inside prefill: "
                             "use --disable-prefill-cuda-graph, the default with compression)")
