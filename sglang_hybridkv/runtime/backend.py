@@ -176,8 +176,8 @@ def _host_rows(forward_batch, in_capture: bool = False) -> list[int]:
     SGLang's graph-capture batch names row 0 in every row and carries no host copy."""
     rows = getattr(forward_batch, "req_pool_indices_cpu", None)
     if rows is None and in_capture:
-        rows = torch.zeros(0, dtype=torch.int64)
-    elif rows is None:
+        return [0] * forward_batch.seq_lens_cpu.shape[0]
+    if rows is None:
         raise RuntimeError("hybridkv: a decode batch reached the backend without req_pool_indices_cpu "
                            "(the ForwardBatch.init_new or build_replay_fb_view hook did not run)")
     rows = rows.tolist()
