@@ -11,8 +11,10 @@
 #           ~1,230 prompt tokens and 160 output tokens each (ignore_eos): rows none, hybridkv@0.1 and the
 #           oracle (none on a pool big enough for hybridkv's concurrency); JSON with "device" naming the GPU
 #   all     server, then serving (one call: the machine starts once)
-# serving's workload can be changed with FRAMES (~13 prompt tokens each), POOL (tokens), REQUESTS, OUTPUT_LEN and
-# TAG (suffix of its JSON/log names), e.g. FRAMES=320 POOL=24576 TAG=-long for video-length prompts.
+# ORACLE=0 skips serving's oracle row. serving's workload can be changed with FRAMES (~13 prompt tokens each), POOL (tokens), REQUESTS, OUTPUT_LEN and
+# TAG (suffix of its JSON/log names), e.g. FRAMES=320 POOL=24576 TAG=-long for video-length prompts. GRAPHS_ROW=KIND
+# (e.g. breakable) adds a run of the hybridkv@0.1 row alone with --cuda-graph-backend-decode KIND
+# (serving-gpu$TAG-KIND.json; GRAPHS_TIMEOUT seconds, default 240).
 # OUTDIR gets setup.log, the test's and the benchmark's output, serving-gpu$TAG.json and logs$TAG.tar.gz (every
 # server log): under the 8 files the device tool brings back. Exit status: the checks' own (0 = all passed).
 #   bash scripts/gpu_server_check.sh OUTDIR [server|serving|all]
@@ -82,7 +84,8 @@ if [ "$mode" != server ]; then
  "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2}
 EOF
   touch "$work/started"
-  timeout "${SERVING_TIMEOUT:-420}" "$py" - "$repo" "$model" "$out/serving-gpu$tag.json" <<'EOF' 2>&1 | tee "$out/serving$tag.log"
+  serve() {  # serve TAG ROWS DECODE_GRAPHS TIMEOUT: one benchmarks/serving.py run; its exit status
+    ROWS=$2 DECODE_GRAPHS=$3 timeout "$4" "$py" - "$repo" "$model" "$out/serving-gpu$1.json" <<'EOF' 2>&1 | tee "$out/serving$1.log"
 import json
 import os
 import sys
@@ -103,21 +106,35 @@ def on_gpu(model_path, extra_args=None, max_total_tokens=16384, **kwargs):
                                       "--cuda-graph-max-bs-decode", "64"]
     if "--kv-compression" not in extra:
         extra += ["--attention-backend", "triton", "--disable-prefill-cuda-graph"]
+    elif env("DECODE_GRAPHS"):
+        extra += ["--cuda-graph-backend-decode", env("DECODE_GRAPHS")]
     return sglang_server(model_path, extra_args=extra, max_total_tokens=max_total_tokens, **kwargs)
 
 
-sglang_server, serving.sglang_server = serving.sglang_server, on_gpu
 env = os.environ.get
+sglang_server, serving.sglang_server = serving.sglang_server, on_gpu
+rows = env("ROWS")
 report = serving.main(["--device", "cuda", "--model-path", model, "--pool-tokens", env("POOL", "8192"),
                        "--requests", env("REQUESTS", "32"), "--frames", env("FRAMES", "96"),
-                       "--output-len", env("OUTPUT_LEN", "160"), "--rows", "none,hybridkv@0.1"])
-report.update(device=torch.cuda.get_device_name(), model="Llama-3-8B-shaped, --load-format dummy, bf16")
+                       "--output-len", env("OUTPUT_LEN", "160"), "--rows", rows]
+                      + ([] if rows.startswith("none") and env("ORACLE", "1") == "1" else ["--no-oracle"]))
+report.update(device=torch.cuda.get_device_name(), model="Llama-3-8B-shaped, --load-format dummy, bf16",
+              compressed_decode_graphs=env("DECODE_GRAPHS") or "plugin default")
 with open(out, "w") as f:
     json.dump(report, f, indent=2)
 EOF
-  serving_rc=${PIPESTATUS[0]}
+    return "${PIPESTATUS[0]}"
+  }
+  serve "$tag" none,hybridkv@0.1 "" "${SERVING_TIMEOUT:-420}"
+  serving_rc=$?
   echo "serving: exit $serving_rc"
   [ "$serving_rc" = 0 ] || rc=$serving_rc
+  if [ -n "${GRAPHS_ROW:-}" ]; then  # hybridkv@0.1 once more with SGLang's decode graphs of that kind, no oracle
+    serve "$tag-$GRAPHS_ROW" hybridkv@0.1 "$GRAPHS_ROW" "${GRAPHS_TIMEOUT:-240}"
+    graphs_rc=$?
+    echo "serving with $GRAPHS_ROW decode graphs: exit $graphs_rc"
+    [ "$graphs_rc" = 0 ] || rc=$graphs_rc
+  fi
   find /tmp -maxdepth 1 -name 'sglang-hybridkv-server-*.log' -newer "$work/started" -exec cp {} "$logs"/ \;
 fi
 tar -C "$logs" -czf "$out/logs$tag.tar.gz" .

@@ -15,6 +15,7 @@ the rest of N's result is processed after N+1 is launched, as in stock SGLang.
 
 from __future__ import annotations
 
+from . import graph_output
 from .compaction import Commit
 from .requests import handle_of
 
@@ -48,6 +49,7 @@ def install(registry, hook_type) -> None:
     registry.register("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController."
                       "get_internal_state", _report_state, hook_type.AFTER)
     registry.register("sglang.srt.managers.scheduler.Scheduler.process_batch_result", _export_metrics, hook_type.AFTER)
+    graph_output.install(registry, hook_type)
     SchedulerOutputStreamer.has_additional_customized_info = True
 
 

@@ -35,6 +35,12 @@ TARGETS: dict[str, str] = {
         "AFTER: carry a decode batch's req_pool_indices_cpu",
     "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view":
         "AFTER: carry req_pool_indices_cpu onto the padded view a decode CUDA-graph replay plans from",
+    "sglang.srt.model_executor.runner_backend.breakable_cuda_graph_backend.BreakableCudaGraphBackend._alloc_full_buffer":
+        "AROUND: a dataclass output (LogitsProcessorOutput) gets a buffer per tensor field (runtime/graph_output.py)",
+    "sglang.srt.model_executor.runner_backend.breakable_cuda_graph_backend.BreakableCudaGraphBackend._slice_output":
+        "AROUND: a dataclass output is sliced per tensor field",
+    "sglang.srt.model_executor.runner_backend.breakable_cuda_graph_backend.BreakableCudaGraphBackend."
+    "_copy_output_to_buffer": "AROUND: a dataclass output is copied into its buffer per tensor field",
     "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation":
         "AROUND: hand an extend batch's compressed requests to the backend for that forward",
     "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run":
