@@ -34,14 +34,14 @@ SUPPORTED_ARCHS = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "
 # commits its pool slots on the scheduler side between forwards, before the next batch is formed
 # (scheduler_hooks). The radix cache stays as the user sets it too.
 IMPLIED = {"attention_backend": BACKEND}
-# On CUDA: decode graphs off by default. The plan's shapes follow each batch's regions, so a whole-forward
-# "full" graph cannot hold our decode attention; SGLang's breakable graphs could (captured projections, norms
-# and MLPs around our attention, run eagerly), but in SGLang 0.5.23 their capture cannot store a language model's
-# output: "TypeError: Unsupported BCG output type: LogitsProcessorOutput" on the H200, 2026-12-04
-# (benchmarks/results/gpu-h200-2026-12-04/). A user who asks for breakable decode graphs gets them, and that
-# error. Prefill graphs are off: compaction runs inside the last prefill layer and does host work.
+# On CUDA: SGLang's breakable decode graphs by default. The plan's shapes follow each batch's regions, so a
+# whole-forward "full" graph cannot hold our decode attention; breakable graphs capture the projections, norms and
+# MLPs around it and run it eagerly. SGLang 0.5.23's capture cannot store a language model's output on its own
+# (runtime/graph_output.py fills that in). On the H200 (2026-12-04, benchmarks/results/gpu-h200-2026-12-04/) they
+# gave the eager tokens with a decode step 3.3x shorter (21 vs 71 ms at 25 running, 8B-shaped model). Prefill
+# graphs are off: a compressed prefill's scoring does host work between layers.
 IMPLIED_CUDA = {"disable_prefill_cuda_graph": True}
-IMPLIED_CUDA_DECODE_GRAPH = {"cuda_graph_backend_decode": "disabled"}
+IMPLIED_CUDA_DECODE_GRAPH = {"cuda_graph_backend_decode": "breakable"}
 # Settings by which a user chooses decode graphs (SGLang's precedence: JSON config, then the per-phase backend,
 # then the off-switches).
 DECODE_GRAPH_FIELDS = ("cuda_graph_config", "cuda_graph_backend_decode", "disable_decode_cuda_graph",
@@ -139,9 +139,8 @@ def _prepare_server_args(orig, argv, *args, **kwargs):
     graphs = ""
     if server_args.device == "cuda":
         decode = _graph_backend(server_args, "decode") or "full"
-        note = {"breakable": " (hybridkv attention runs eagerly between captured segments; SGLang 0.5.23's capture "
-                             "fails on a language model's output, see the plugin's IMPLIED_CUDA_DECODE_GRAPH)",
-                "disabled": " (SGLang 0.5.23's breakable decode graphs cannot capture a language model's output)"}
+        note = {"breakable": " (hybridkv attention runs eagerly between captured segments)",
+                "disabled": " (hybridkv's default on CUDA is breakable: a decode step ~3x shorter)"}
         graphs = f"; decode CUDA graphs {decode}{note.get(decode, '')}; prefill CUDA graphs off"
     print(f"[sglang-hybridkv] KV compression on: {config.policy}, budget {config.budget}; radix cache {radix}; "
           f"{overlap}{graphs}; host tier at most {tier / 1e9:.2f} GB; per-request overrides: "

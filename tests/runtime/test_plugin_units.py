@@ -89,13 +89,13 @@ def _cuda_graphs(extra):
 
 
 @pytest.mark.parametrize("extra,decode", [
-    ([], "disabled"),  # the default with compression (SGLang 0.5.23's breakable capture fails on LM output)
+    ([], "breakable"),  # the default with compression (our attention runs eagerly between captured segments)
     (["--cuda-graph-backend-decode", "breakable"], "breakable"),  # the user's choice is kept
     (["--disable-cuda-graph"], "disabled"),  # the user's choice is kept
     (["--cuda-graph-backend-decode", "disabled"], "disabled"),
     (["--cuda-graph-config", '{"decode": {"backend": "breakable", "max_bs": 8}}'], "breakable"),
 ])
-def test_cuda_decode_graphs_are_off_unless_chosen_and_no_prefill_graphs(extra, decode):
+def test_cuda_decode_graphs_are_breakable_unless_chosen_and_no_prefill_graphs(extra, decode):
     assert _cuda_graphs(extra) == (decode, "disabled")
 
 
@@ -133,12 +133,12 @@ def test_engine_takes_the_flags_as_keyword_arguments(monkeypatch):
     assert (sa.model_path, sa.attention_backend, sa.disable_overlap_schedule) == ("m", "hybridkv", False)
     cfg = HybridKVConfig.from_env()
     assert (cfg.policy, cfg.budget_tokens) == ("snapkv", 64)
-    # On CUDA, as on the command line: decode graphs off unless the engine's caller chose otherwise.
+    # On CUDA, as on the command line: breakable decode graphs unless the engine's caller chose otherwise.
     sa = Engine.server_args_class(model_path="m", device="cuda", kv_compression="hybridkv")
-    assert (sa.cuda_graph_backend_decode, sa.disable_prefill_cuda_graph) == ("disabled", True)
+    assert (sa.cuda_graph_backend_decode, sa.disable_prefill_cuda_graph) == ("breakable", True)
     sa = Engine.server_args_class(model_path="m", device="cuda", kv_compression="hybridkv",
-                                  cuda_graph_backend_decode="breakable")
-    assert sa.cuda_graph_backend_decode == "breakable"
+                                  cuda_graph_backend_decode="disabled")
+    assert sa.cuda_graph_backend_decode == "disabled"
     sa = Engine.server_args_class(model_path="m", device="cuda", kv_compression="hybridkv", disable_cuda_graph=True)
     assert sa.cuda_graph_backend_decode is None and sa.disable_cuda_graph
     with pytest.raises(ConfigError, match="full decode CUDA graphs"):
