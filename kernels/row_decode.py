@@ -15,6 +15,10 @@ one long sequence does not widen the others::
     seq:   (I,)   int  the sequence each item belongs to (items of one sequence in any order)
     out = row_decode(q, k_rows, v_rows, rows, valid, seq, scale)       # (N, group, D)
 
+A caller that runs many layers over one plan passes a :class:`Workspace`: the torch path gathers each layer's
+rows into it instead of into fresh tensors (on CPU, two fresh multi-MB gathers per layer cost ~3x the attention
+itself in page faults; FlashInfer's wrappers take a workspace buffer for the same reason).
+
 Each item gives a partial softmax (unnormalised output, running max, sum of exponentials); :func:`merge_items`
 combines a sequence's items exactly (the split-K merge). The Triton kernel computes one item per program;
 the torch reference computes all items with batched matmuls (it is also the CPU path); both share the merge.
@@ -33,26 +37,48 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
+class Workspace:
+    """Gather buffers of the torch path, reused by every call that passes the same workspace (one per decode
+    plan: every layer gathers the same number of rows). Grown when a call needs more; never shrunk."""
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def buffers(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two ``(n, D)`` buffers of ``like``'s dtype and device."""
+        if self._k is None or self._k.shape[0] < n or self._k.dtype != like.dtype or self._k.device != like.device:
+            self._k = like.new_empty((n, like.shape[-1]))
+            self._v = like.new_empty((n, like.shape[-1]))
+        return self._k[:n], self._v[:n]
+
+
 def row_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: torch.Tensor,
-               valid: torch.Tensor, seq: torch.Tensor, scale: float, use_triton: bool | None = None) -> torch.Tensor:
+               valid: torch.Tensor, seq: torch.Tensor, scale: float, use_triton: bool | None = None,
+               workspace: Workspace | None = None) -> torch.Tensor:
     """Attention of each sequence's ``group`` queries over the valid rows of its items.
 
     Args:
         q: ``(N, group, D)``.
         k_rows, v_rows: ``(R, D)`` the pool's flattened per-head rows.
         rows: ``(I, S)`` int32/int64 row ids; valid: ``(I, S)`` bool; seq: ``(I,)`` int64 in ``[0, N)``.
+        workspace: gather buffers for the torch path (the Triton kernel reads rows in place).
     Returns: ``(N, group, D)`` in ``q``'s dtype; a sequence with no valid row gives zeros.
     """
     if use_triton is None:
         use_triton = triton is not None and triton_available(q.device)
     if q.shape[0] == 0 or rows.shape[0] == 0 or rows.shape[1] == 0:
         return torch.zeros_like(q)
-    parts = (_items_triton if use_triton else items_reference)(q, k_rows, v_rows, rows, valid, seq, scale)
+    if use_triton:
+        parts = _items_triton(q, k_rows, v_rows, rows, valid, seq, scale)
+    else:
+        parts = items_reference(q, k_rows, v_rows, rows, valid, seq, scale, workspace)
     return merge_items(*parts, seq, q.shape[0]).to(q.dtype)
 
 
 def items_reference(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, rows: torch.Tensor,
-                    valid: torch.Tensor, seq: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
+                    valid: torch.Tensor, seq: torch.Tensor, scale: float,
+                    workspace: Workspace | None = None) -> tuple[torch.Tensor, ...]:
     """Plain torch partials of every item: gather its rows, masked softmax statistics in float32.
 
     Returns: ``acc (I, group, D)`` unnormalised outputs, ``m (I, group)`` running max (``-inf`` for an item
@@ -61,8 +87,13 @@ def items_reference(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
     i, s = rows.shape
     d = q.shape[-1]
     flat = rows.reshape(-1)
-    k = k_rows.index_select(0, flat).view(i, s, d).float()
-    v = v_rows.index_select(0, flat).view(i, s, d).float()
+    if workspace is None:
+        k, v = k_rows.index_select(0, flat), v_rows.index_select(0, flat)
+    else:
+        k, v = workspace.buffers(flat.shape[0], k_rows)
+        torch.index_select(k_rows, 0, flat, out=k)
+        torch.index_select(v_rows, 0, flat, out=v)
+    k, v = k.view(i, s, d).float(), v.view(i, s, d).float()
     scores = torch.bmm(q.index_select(0, seq).float(), k.transpose(1, 2)).mul_(scale)  # (I, G, S)
     scores.masked_fill_(~valid[:, None, :], float("-inf"))
     m = scores.amax(-1)

@@ -14,7 +14,9 @@
 # ORACLE=0 skips serving's oracle row. serving's workload can be changed with FRAMES (~13 prompt tokens each), POOL (tokens), REQUESTS, OUTPUT_LEN and
 # TAG (suffix of its JSON/log names), e.g. FRAMES=320 POOL=24576 TAG=-long for video-length prompts. GRAPHS_ROW=KIND
 # (e.g. breakable) adds a run of the hybridkv@0.1 row alone with --cuda-graph-backend-decode KIND
-# (serving-gpu$TAG-KIND.json; GRAPHS_TIMEOUT seconds, default 240).
+# (serving-gpu$TAG-KIND.json; GRAPHS_TIMEOUT seconds, default 240); with STACKS=1 every process of that server
+# samples its stacks (benchmarks/stack_sampler; summary in stacks-summary$TAG.txt). MAIN_ROWS= (empty) skips the
+# main serving run.
 # OUTDIR gets setup.log, the test's and the benchmark's output, serving-gpu$TAG.json and logs$TAG.tar.gz (every
 # server log): under the 8 files the device tool brings back. Exit status: the checks' own (0 = all passed).
 #   bash scripts/gpu_server_check.sh OUTDIR [server|serving|all]
@@ -125,15 +127,24 @@ with open(out, "w") as f:
 EOF
     return "${PIPESTATUS[0]}"
   }
-  serve "$tag" none,hybridkv@0.1 "" "${SERVING_TIMEOUT:-420}"
-  serving_rc=$?
-  echo "serving: exit $serving_rc"
-  [ "$serving_rc" = 0 ] || rc=$serving_rc
+  if [ -n "${MAIN_ROWS-none,hybridkv@0.1}" ]; then
+    serve "$tag" "${MAIN_ROWS-none,hybridkv@0.1}" "" "${SERVING_TIMEOUT:-420}"
+    serving_rc=$?
+    echo "serving: exit $serving_rc"
+    [ "$serving_rc" = 0 ] || rc=$serving_rc
+  fi
   if [ -n "${GRAPHS_ROW:-}" ]; then  # hybridkv@0.1 once more with SGLang's decode graphs of that kind, no oracle
+    if [ -n "${STACKS:-}" ]; then  # sample every server process's stacks (benchmarks/stack_sampler)
+      export HYBRIDKV_STACK_SAMPLES=$logs/stacks PYTHONPATH=$repo/benchmarks/stack_sampler:$PYTHONPATH
+    fi
     serve "$tag-$GRAPHS_ROW" hybridkv@0.1 "$GRAPHS_ROW" "${GRAPHS_TIMEOUT:-240}"
     graphs_rc=$?
     echo "serving with $GRAPHS_ROW decode graphs: exit $graphs_rc"
     [ "$graphs_rc" = 0 ] || rc=$graphs_rc
+    if [ -n "${STACKS:-}" ]; then
+      unset HYBRIDKV_STACK_SAMPLES
+      "$py" "$repo/benchmarks/stack_summary.py" --top 60 "$logs"/stacks.*.txt >"$out/stacks-summary$tag.txt" 2>&1
+    fi
   fi
   find /tmp -maxdepth 1 -name 'sglang-hybridkv-server-*.log' -newer "$work/started" -exec cp {} "$logs"/ \;
 fi

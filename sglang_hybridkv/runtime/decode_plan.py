@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..kernels.chunk_select import score_chunks_rows, select_chunks
 from ..kernels.row_copy import copy_rows
-from ..kernels.row_decode import row_decode
+from ..kernels.row_decode import Workspace, row_decode
 from .host_tier import HostTier
 from .regions import Regions
 
@@ -107,6 +107,7 @@ class DecodePlan:
         self.refresh = refresh  # (N,) bool: sequences whose dynamic heads re-select chunks this step
         self.fresh = fresh  # (N,) bool: first step on a region; its buffer rows hold nothing of it yet
         self.h, self.chunk, self.score_scale = num_kv_heads, chunk, score_scale
+        self.workspace = Workspace()  # every layer gathers the same number of rows
 
     def attend(self, layer_id: int, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                buffers: RetrievalBuffers, host: HostTier, scaling: float) -> torch.Tensor:
@@ -126,7 +127,8 @@ class DecodePlan:
         if r is not None:
             self._retrieve(layer_id, r, qg, k_rows, v_rows, buffers, host)
             valid = self._with_buffer_validity(layer_id, rows, valid, buffers)
-        return row_decode(qg, k_rows, v_rows, rows, valid, self.seq[layer_id], scaling).view(q.shape)
+        return row_decode(qg, k_rows, v_rows, rows, valid, self.seq[layer_id], scaling,
+                          workspace=self.workspace).view(q.shape)
 
     def _with_buffer_validity(self, layer_id: int, rows: torch.Tensor, valid: torch.Tensor,
                               buffers: RetrievalBuffers) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sglang_hybridkv.kernels.chunk_select import score_chunks_rows, score_chunks_rows_reference, select_chunks
-from sglang_hybridkv.kernels.row_decode import row_decode
+from sglang_hybridkv.kernels.row_decode import Workspace, row_decode
 
 from .conftest import tol, triton_or_skip
 
@@ -79,6 +79,17 @@ def test_int32_rows_and_large_scores_stay_exact():
     want = _independent(q, k, v, rows, valid, seq, D ** -0.5)
     torch.testing.assert_close(row_decode(q, k, v, rows.int(), valid, seq, D ** -0.5, use_triton=False), want,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_one_workspace_across_calls_of_changing_size_and_dtype():
+    """A plan passes one workspace to every layer; a later call that needs more rows, fewer rows or another dtype
+    must see only its own rows (no stale rows of an earlier, larger call)."""
+    ws = Workspace()
+    for i, (lens, dtype) in enumerate([([300, 64], torch.float32), ([1, 0, 17], torch.float32),
+                                       ([700, 3, 0, 513], torch.float32), ([33], torch.bfloat16), ([], torch.float32)]):
+        q, k, v, rows, valid, seq = _batch(lens, 2, dtype, 64, seed=10 + i)
+        out = row_decode(q, k, v, rows, valid, seq, D ** -0.5, use_triton=False, workspace=ws)
+        torch.testing.assert_close(out.float(), _independent(q, k, v, rows, valid, seq, D ** -0.5), **tol(dtype))
 
 
 def _chunks(n, c, group, seed=0):
