@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ..kernels.chunk_select import score_chunks_rows, select_chunks
 from ..kernels.row_copy import copy_rows
-from ..kernels.row_decode import Workspace, row_decode
+from ..kernels.backend import triton_available
+from ..kernels.row_decode import Workspace, merge_index, row_decode
 from .host_tier import HostTier
 from .regions import Regions
 
@@ -101,9 +102,11 @@ class DecodePlan:
     """
 
     def __init__(self, tables: _Tables, rows: torch.Tensor, valid: torch.Tensor, seq: torch.Tensor,
-                 refresh: torch.Tensor, fresh: torch.Tensor, num_kv_heads: int, chunk: int, score_scale: float) -> None:
+                 refresh: torch.Tensor, fresh: torch.Tensor, num_kv_heads: int, chunk: int, score_scale: float,
+                 merge: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.t = tables
         self.rows, self.valid, self.seq = rows, valid, seq
+        self.merge = merge  # Triton path: every layer's items grouped by sequence (``merge_index``), once per step
         self.refresh = refresh  # (N,) bool: sequences whose dynamic heads re-select chunks this step
         self.fresh = fresh  # (N,) bool: first step on a region; its buffer rows hold nothing of it yet
         self.h, self.chunk, self.score_scale = num_kv_heads, chunk, score_scale
@@ -127,8 +130,9 @@ class DecodePlan:
         if r is not None:
             self._retrieve(layer_id, r, qg, k_rows, v_rows, buffers, host)
             valid = self._with_buffer_validity(layer_id, rows, valid, buffers)
+        merge = None if self.merge is None else (self.merge[0][layer_id], self.merge[1][layer_id])
         return row_decode(qg, k_rows, v_rows, rows, valid, self.seq[layer_id], scaling,
-                          workspace=self.workspace).view(q.shape)
+                          workspace=self.workspace, merge=merge).view(q.shape)
 
     def _with_buffer_validity(self, layer_id: int, rows: torch.Tensor, valid: torch.Tensor,
                               buffers: RetrievalBuffers) -> torch.Tensor:
@@ -258,8 +262,9 @@ class DecodePlanner:
         plan_seq = torch.cat([t.seq, tail_seq.expand(n_layers, -1)], 1)
         fresh = seq - 1 == t.decode_start
         refresh = ((seq - 1 - t.tail_start_dev) % t.interval == 0) | fresh
+        merge = merge_index(plan_seq, len(rows) * h) if triton_available(dev) else None
         return DecodePlan(t, plan_rows, plan_valid, plan_seq, refresh.repeat_interleave(h),
-                          fresh.repeat_interleave(h), h, self.chunk, self.score_scale)
+                          fresh.repeat_interleave(h), h, self.chunk, self.score_scale, merge)
 
     def _tail_items(self, rows: Sequence[int], tail_len: np.ndarray, tail_start: np.ndarray,
                     req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sglang_hybridkv.kernels.chunk_select import score_chunks_rows, score_chunks_rows_reference, select_chunks
-from sglang_hybridkv.kernels.row_decode import Workspace, row_decode
+from sglang_hybridkv.kernels.row_decode import Workspace, merge_index, merge_items, row_decode
 
 from .conftest import tol, triton_or_skip
 
@@ -90,6 +90,35 @@ def test_one_workspace_across_calls_of_changing_size_and_dtype():
         q, k, v, rows, valid, seq = _batch(lens, 2, dtype, 64, seed=10 + i)
         out = row_decode(q, k, v, rows, valid, seq, D ** -0.5, use_triton=False, workspace=ws)
         torch.testing.assert_close(out.float(), _independent(q, k, v, rows, valid, seq, D ** -0.5), **tol(dtype))
+
+
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_triton_merge_matches_the_torch_merge(group):
+    """The Triton path's merge (one program per sequence over its items) against the scatter/index-add merge, on
+    partials with sequences of no item, one item, many items in any order, and items without valid rows."""
+    triton_or_skip("cpu")
+    from sglang_hybridkv.kernels.row_decode import _merge_triton
+
+    g = torch.Generator().manual_seed(group)
+    n = 9
+    seq = torch.tensor([4, 0, 4, 2, 8, 4, 0, 2, 2, 4, 6])  # sequences 1, 3, 5, 7 have no item
+    i = seq.numel()
+    acc = torch.randn(i, group, D, generator=g)
+    m = torch.randn(i, group, generator=g) * 20
+    l = torch.rand(i, group, generator=g) + 0.5
+    m[3], acc[3], l[3] = float("-inf"), 0.0, 0.0  # an item of sequence 2 without valid rows
+    m[4], acc[4], l[4] = float("-inf"), 0.0, 0.0  # sequence 8's only item has none: zeros
+    order, ptr = merge_index(seq, n)
+    assert ptr.tolist() == [0, 2, 2, 5, 5, 9, 9, 10, 10, 11]
+    out = _merge_triton(acc, m, l, order, ptr)
+    torch.testing.assert_close(out, merge_items(acc, m, l, seq, n), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[8], torch.zeros(group, D)) and torch.equal(out[1], torch.zeros(group, D))
+
+
+def test_merge_index_is_batched_over_layers():
+    seq = torch.tensor([[1, 0, 1], [2, 2, 0]])
+    order, ptr = merge_index(seq, 3)
+    assert order.tolist() == [[1, 0, 2], [2, 0, 1]] and ptr.tolist() == [[0, 1, 3, 3], [0, 1, 1, 3]]
 
 
 def _chunks(n, c, group, seed=0):
