@@ -104,7 +104,7 @@ class HybridKVMixin:
             return
         super().init_forward_metadata(forward_batch)  # prefill graphs are off: the parent's eager body
         if mode.is_extend() and not mode.is_target_verify():
-            self._compaction = CompactionBatch.build(forward_batch, self._requests)
+            self._compaction = CompactionBatch.build(forward_batch, self._requests, _host_rows(forward_batch))
             if self.regions.live:
                 self._replays = self._plan_replays(forward_batch)
 
@@ -170,15 +170,15 @@ class HybridKVMixin:
 
 
 def _host_rows(forward_batch, in_capture: bool = False) -> list[int]:
-    """The decode batch's ``req_to_token`` rows from the host copy the scheduler hooks put on the batch
-    (``scheduler_hooks._carry_host_rows``; at CUDA-graph replay ``_carry_host_rows_to_replay_view``), so that
-    planning reads no device value. At replay the batch is SGLang's padded view, whose padded rows name row 0;
-    SGLang's graph-capture batch names row 0 in every row and carries no host copy."""
+    """The batch's ``req_to_token`` rows from its host copy, so that planning reads no device value: SGLang's own
+    for extend batches, the one the scheduler hooks put on decode batches (``scheduler_hooks._carry_host_rows``;
+    at CUDA-graph replay ``_carry_host_rows_to_replay_view``). At replay the batch is SGLang's padded view, whose
+    padded rows name row 0; SGLang's graph-capture batch names row 0 in every row and carries no host copy."""
     rows = getattr(forward_batch, "req_pool_indices_cpu", None)
     if rows is None and in_capture:
         return [0] * forward_batch.seq_lens_cpu.shape[0]
     if rows is None:
-        raise RuntimeError("hybridkv: a decode batch reached the backend without req_pool_indices_cpu "
+        raise RuntimeError("hybridkv: a batch reached the backend without req_pool_indices_cpu "
                            "(the ForwardBatch.init_new or build_replay_fb_view hook did not run)")
     rows = rows.tolist()
     return rows + [0] * (forward_batch.seq_lens_cpu.shape[0] - len(rows))

@@ -128,12 +128,12 @@ class CompactionBatch:
         self.finishing = [e for e in entries if e.finishing]
 
     @classmethod
-    def build(cls, forward_batch, incoming: dict[int, tuple]) -> "CompactionBatch | None":
-        """From the handles the scheduler handed over for this batch (``row -> (handle, full length)``);
+    def build(cls, forward_batch, incoming: dict[int, tuple], rows: list[int]) -> "CompactionBatch | None":
+        """From the handles the scheduler handed over for this batch (``row -> (handle, full length)``) and the
+        batch's ``req_to_token`` rows on the host (``rows``: SGLang's host copy, so that no device value is read);
         None when nothing to do."""
         if not incoming:
             return None
-        rows = forward_batch.req_pool_indices.tolist()
         seq_lens = forward_batch.seq_lens_cpu.tolist()
         ext = forward_batch.extend_seq_lens_cpu
         entries, q_start = [], 0

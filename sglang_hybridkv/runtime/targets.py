@@ -55,7 +55,8 @@ TARGETS: dict[str, str] = {
         "commits nothing), GenerationBatchResult.copy_done (the forward is complete before commit), "
         "SchedulerMetricsReporter.forward_ct_decode (SGLang's decode-forward count)",
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.req_pool_indices_cpu":
-        "written for decode batches by the init_new hook (SGLang fills it for extend only)",
+        "written for decode batches by the init_new hook (SGLang fills it for extend only); read for extend "
+        "batches (compaction and output replays find their rows without a device read)",
     "sglang.srt.managers.schedule_batch.FINISH_ABORT": "used: abort a request whose compaction failed",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free": "AROUND: skip slots already freed at compaction",
     "sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._get_total_uncached_sizes":
