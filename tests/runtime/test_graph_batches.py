@@ -16,10 +16,10 @@ pytest.importorskip("sglang")
 
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 from sglang.srt.model_executor.runner import decode_cuda_graph_runner as runner  # noqa: E402
-from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: E402
 
-from sglang_hybridkv.runtime import scheduler_hooks  # noqa: E402
 from sglang_hybridkv.runtime.backend import _host_rows  # noqa: E402
+
+from .plugin_hooks import scheduler_hooks_applied  # noqa: E402
 
 TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view"
 
@@ -50,23 +50,13 @@ def _view(rows: list[int], bs: int):
 @pytest.fixture
 def hooked_view_builder():
     """SGLang's own build_replay_fb_view with the hook the plugin installs on it, applied by SGLang's registry."""
-    registered = []
-
-    class Recorder:
-        register = staticmethod(lambda target, fn, hook_type: registered.append((target, fn, hook_type)))
-
-    scheduler_hooks.install(Recorder, HookType)
-    hooks = [(fn, t) for target, fn, t in registered if target == TARGET]
-    assert len(hooks) == 1, "the plugin installs one hook on build_replay_fb_view"
     original = runner.build_replay_fb_view
-    HookRegistry.reset()
-    HookRegistry.register(TARGET, *hooks[0])
-    HookRegistry.apply_hooks()
     try:
-        yield
+        with scheduler_hooks_applied({TARGET}) as hooks:
+            assert len(hooks) == 1, "the plugin installs one hook on build_replay_fb_view"
+            yield
     finally:
         runner.build_replay_fb_view = original
-        HookRegistry.reset()
 
 
 def test_the_replay_view_alone_has_no_host_rows():

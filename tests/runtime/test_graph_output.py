@@ -13,9 +13,10 @@ pytest.importorskip("sglang")
 
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput  # noqa: E402
 from sglang.srt.model_executor.runner_backend import breakable_cuda_graph_backend as bcg  # noqa: E402
-from sglang.srt.plugins.hook_registry import HookRegistry, HookType  # noqa: E402
 
-from sglang_hybridkv.runtime import graph_output, scheduler_hooks  # noqa: E402
+from sglang_hybridkv.runtime import graph_output  # noqa: E402
+
+from .plugin_hooks import scheduler_hooks_applied  # noqa: E402
 
 Backend = bcg.BreakableCudaGraphBackend
 
@@ -23,26 +24,15 @@ Backend = bcg.BreakableCudaGraphBackend
 @pytest.fixture
 def backend():
     """A breakable backend (its buffer helpers use no state) with the hooks the plugin's scheduler install adds."""
-    registered = []
-
-    class Recorder:
-        register = staticmethod(lambda target, fn, hook_type: registered.append((target, fn, hook_type)))
-
-    scheduler_hooks.install(Recorder, HookType)
-    hooks = [(t, fn, ht) for t, fn, ht in registered if t in graph_output.TARGETS]
-    assert sorted(t for t, _, _ in hooks) == sorted(graph_output.TARGETS)
     originals = {name: Backend.__dict__[name] for name in ("_alloc_full_buffer", "_slice_output",
                                                            "_copy_output_to_buffer")}
-    HookRegistry.reset()
-    for target, fn, hook_type in hooks:
-        HookRegistry.register(target, fn, hook_type)
-    HookRegistry.apply_hooks()
     try:
-        yield object.__new__(Backend)
+        with scheduler_hooks_applied(graph_output.TARGETS) as hooks:
+            assert sorted(t for t, _, _ in hooks) == sorted(graph_output.TARGETS)
+            yield object.__new__(Backend)
     finally:
         for name, fn in originals.items():
             setattr(Backend, name, fn)
-        HookRegistry.reset()
 
 
 def _capture_like(backend, outputs: list[LogitsProcessorOutput], capacity: int) -> list[LogitsProcessorOutput]:
