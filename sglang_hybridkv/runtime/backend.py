@@ -104,19 +104,20 @@ class HybridKVMixin:
             return
         super().init_forward_metadata(forward_batch)  # prefill graphs are off: the parent's eager body
         if mode.is_extend() and not mode.is_target_verify():
-            self._compaction = CompactionBatch.build(forward_batch, self._requests, _host_rows(forward_batch))
+            rows = _host_rows(forward_batch)
+            self._compaction = CompactionBatch.build(forward_batch, self._requests, rows)
             if self.regions.live:
-                self._replays = self._plan_replays(forward_batch)
+                self._replays = self._plan_replays(forward_batch, rows)
 
     def init_forward_metadata_in_graph(self, forward_batch) -> None:
         """Nothing: no metadata of ours is device work recorded in a graph (see :meth:`_decode_layer`)."""
 
-    def _plan_replays(self, forward_batch) -> list[tuple[int, list[DecodePlan]]]:
+    def _plan_replays(self, forward_batch, rows: list[int]) -> list[tuple[int, list[DecodePlan]]]:
         """Extend rows of requests that already hold a region: one single-token plan per position, so each
         attends over the compressed prompt and the tokens before it, as it did when it was decoded."""
         out, q_start = [], 0
         req_to_token = self.req_to_token_pool.req_to_token
-        for row, end, q_len in zip(_host_rows(forward_batch), forward_batch.seq_lens_cpu.tolist(),
+        for row, end, q_len in zip(rows, forward_batch.seq_lens_cpu.tolist(),
                                    forward_batch.extend_seq_lens_cpu):
             q_len = int(q_len)
             if self.regions.get(row) is not None and q_len:
