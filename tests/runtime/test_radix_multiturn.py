@@ -77,15 +77,18 @@ def test_shared_system_prompt_across_many_requests(radix_server):
 
 
 def test_eviction_under_a_small_pool(radix_server):
-    # 8 distinct 600-token prompts, 4 at a time, into a 2,500-slot pool: the tree must evict old prefixes.
+    # 8 distinct 600-token prompts into a 2,500-slot pool: the tree must evict old prefixes. The first 7 go 4 at a
+    # time; the last goes alone afterwards, so it is the tree's newest entry whatever order the threads arrived in
+    # (sent with the others, an earlier-admitted "last" prompt can rightly be the one LRU evicts).
+    send = lambda s: post(radix_server + "/generate", {"text": filler("Video", 100 + s) + " Summary?",
+                                                       "sampling_params": GEN})
     with cf.ThreadPoolExecutor(4) as ex:
-        outs = list(ex.map(lambda s: post(radix_server + "/generate", {
-            "text": filler("Video", 100 + s) + " Summary?", "sampling_params": GEN}), range(8)))
+        outs = list(ex.map(send, range(7)))
+    outs.append(send(7))
     assert all(o["meta_info"]["completion_tokens"] == GEN["max_new_tokens"] for o in outs)
     _idle_clean(radix_server)
     # A recent prompt is still served from the tree; the oldest ones made room (LRU) and are recomputed.
-    again = lambda s: post(radix_server + "/generate", {"text": filler("Video", 100 + s) + " Summary?",
-                                                        "sampling_params": GEN})["meta_info"]
+    again = lambda s: send(s)["meta_info"]
     recent = again(7)
     assert recent["cached_tokens"] >= recent["prompt_tokens"] - WINDOW - 8
     oldest = again(0)
