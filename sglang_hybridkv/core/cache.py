@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .chunks import chunk_summaries
+from .device_copy import to_device
 from .plan import LayerPlan, device_rows
 
 
@@ -63,11 +64,11 @@ class CompressedLayer:
         idx = plan.keep_idx.to(keys.device)[..., None].expand(-1, -1, d)
         self.k_dev = keys.gather(1, idx)
         self.v_dev = values.gather(1, idx)
-        self.dev_len = plan.keep_len.to(keys.device)
-        self.dyn_heads = (~plan.static).nonzero().flatten().to(keys.device)
+        self.dev_len = to_device(plan.keep_len, keys.device)
+        self.dyn_heads = to_device((~plan.static).nonzero().flatten(), keys.device)
         self.top_k = plan.top_k
         self.chunk_size = plan.chunk_size
-        host_idx = plan.host_idx.to(keys.device)
+        host_idx = to_device(plan.host_idx, keys.device)
         if self.dyn_heads.numel() and host_idx.numel():
             self.k_host = keys[self.dyn_heads][:, host_idx].to(host_device)
             self.v_host = values[self.dyn_heads][:, host_idx].to(host_device)

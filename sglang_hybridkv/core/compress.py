@@ -99,7 +99,6 @@ def plan_layer(policy: CompressionPolicy, q_window: torch.Tensor | None, keys: t
         prior = None
     elif prior is None:
         prior = layer_prior(policy, q_window, keys, scaling, media_mask, shard)
-    # The policy indexes the window attention (on the keys' device) with positions derived from the mask.
-    media_mask = media_mask.to(keys.device)
+    # The mask stays on the host (the policy derives counts and positions from it without reading the device).
     prior = None if prior is None else prior.to(keys.device)
     return policy.plan(LayerStats(probs, media_mask, keys.shape[0], layer_idx, q_window, keys, shard, prior))

@@ -19,18 +19,25 @@ from .plan import LayerPlan
 
 def head_digests(plans: dict[int, LayerPlan]) -> torch.Tensor:
     """``(H, num_layers)`` int64: per KV head and layer (sorted), a hash of the layer's retrieval width and
-    chunk size, the head's type and kept prompt positions and, for a dynamic head, its host-tier positions."""
+    chunk size, the head's type and kept prompt positions and, for a dynamic head, its host-tier positions.
+
+    The kept positions of every layer come to the host in one read (they live on the KV's device)."""
     layers = sorted(plans)
     h = plans[layers[0]].static.numel() if layers else 0
     out = torch.zeros(h, len(layers), dtype=torch.int64)
+    if not layers:
+        return out
+    kept = [plans[layer].keep_idx.to(torch.int64) for layer in layers]
+    kept = torch.cat([k.flatten() for k in kept]).cpu().split([k.numel() for k in kept])
     for j, layer in enumerate(layers):
         p = plans[layer]
-        host = p.host_idx.to(torch.int64).cpu().numpy().tobytes()
+        host = p.host_idx.to(torch.int64).numpy().tobytes()
+        keep_idx = kept[j].view(h, -1)
         for head in range(h):
             dig = hashlib.sha1(f"L{layer}:k{p.top_k}:c{p.chunk_size}:".encode())
             static = bool(p.static[head])
             dig.update(b"s" if static else b"d")
-            dig.update(p.keep_idx[head, : int(p.keep_len[head])].to(torch.int64).cpu().numpy().tobytes())
+            dig.update(keep_idx[head, : int(p.keep_len[head])].numpy().tobytes())
             if not static:
                 dig.update(b"|" + host)
             out[head, j] = int(np.frombuffer(dig.digest()[:8], dtype=np.int64)[0])

@@ -16,7 +16,8 @@ class LayerStats:
 
     Attributes:
         window_probs: ``(num_q_heads, w, seq_len)`` observation-window attention (None for the full policy).
-        media_mask: ``(seq_len,)`` bool, True on media tokens.
+        media_mask: ``(seq_len,)`` bool on the host, True on media tokens (what planning derives from it alone
+            is host arithmetic: no device read).
         num_kv_heads: KV heads of the layer on this rank (all of them without tensor parallelism).
         layer_idx: index of the layer (head profiles are per layer).
         queries: ``(num_q_heads, w, head_dim)`` the window's post-RoPE queries, and
@@ -48,14 +49,14 @@ class LayerPlan:
     """Which prompt tokens each KV head keeps and where.
 
     Attributes:
-        static: ``(H,)`` bool; dynamic heads are the others.
-        keep_idx: ``(H, P)`` long prompt positions each head keeps on the device, ascending, padded with 0.
-        keep_len: ``(H,)`` long, valid entries of ``keep_idx``.
-        host_idx: ``(n_host,)`` long prompt positions a dynamic head moves to the host tier (selectable media),
-            empty when the layer has no dynamic head.
+        static: ``(H,)`` bool on the host; dynamic heads are the others.
+        keep_idx: ``(H, P)`` long prompt positions each head keeps, on the KV's device, ascending, padded with 0.
+        keep_len: ``(H,)`` long on the host, valid entries of ``keep_idx``.
+        host_idx: ``(n_host,)`` long on the host, prompt positions a dynamic head moves to the host tier
+            (selectable media), empty when the layer has no dynamic head.
         top_k: chunks a dynamic head retrieves per decode step.
         chunk_size: tokens per chunk.
-        need: ``(H,)`` long θ-mass token count per head (0 where not computed), for reports.
+        need: ``(H,)`` long on the host, θ-mass token count per head (0 where not computed), for reports.
     """
 
     static: torch.Tensor

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .device_copy import to_device
+
 
 def pool_scores(scores: torch.Tensor, kernel: int, forward: int = 0) -> torch.Tensor:
     """Pool ``(H, seq_len)`` scores along the sequence (same shape out).
@@ -44,27 +46,32 @@ def always_kept(media_mask: torch.Tensor, sink: int, recent: int) -> torch.Tenso
 def select_tokens(scores: torch.Tensor, keep_always: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices each head keeps: ``keep_always`` plus its ``budget[h]`` best-scoring other tokens.
 
+    Every count is taken from the host inputs, so on a GPU this reads no device value (compaction plans every
+    layer of a request with it, inside the forward).
+
     Args:
-        scores: ``(H, seq_len)`` pooled scores.
-        keep_always: ``(seq_len,)`` bool.
-        budget: ``(H,)`` long, selectable tokens kept per head (clipped to what is selectable).
+        scores: ``(H, seq_len)`` pooled scores (any device; finite where not ``keep_always``).
+        keep_always: ``(seq_len,)`` bool on the host.
+        budget: ``(H,)`` long on the host, selectable tokens kept per head (clipped to what is selectable).
     Returns:
-        ``indices``: ``(H, max_kept)`` long, ascending positions per head, padded with 0 beyond ``lengths``;
-        ``lengths``: ``(H,)`` long.
+        ``indices``: ``(H, max_kept)`` long on ``scores.device``, ascending positions per head, padded with 0
+        beyond ``lengths``;
+        ``lengths``: ``(H,)`` long on the host.
     """
     h, seq_len = scores.shape
-    n_sel = int((~keep_always).sum())
-    b = budget.clamp(min=0, max=n_sel).to(scores.device)
-    masked = scores.float().masked_fill(keep_always[None], float("-inf"))
-    k = int(b.max()) if h else 0
-    keep = keep_always[None].expand(h, seq_len).clone()
+    n_always = int(keep_always.sum())
+    b = budget.clamp(min=0, max=seq_len - n_always)
+    # The top-b of the masked scores are b distinct selectable tokens (keep_always ones score -inf, the rest are
+    # finite), so each head keeps exactly n_always + b[h].
+    lengths = b + n_always
+    k, width = (int(b.max()), int(lengths.max())) if h else (0, 0)
+    always = to_device(keep_always, scores.device)
+    keep = always[None].expand(h, seq_len).clone()
     if k > 0:
-        top = masked.topk(k, dim=-1).indices  # (H, k)
-        rank_ok = torch.arange(k, device=scores.device)[None] < b[:, None]
-        keep.scatter_(1, top, rank_ok | keep.gather(1, top))
-    lengths = keep.sum(-1)
-    width = int(lengths.max()) if h else 0
+        top = scores.float().masked_fill(always[None], float("-inf")).topk(k, dim=-1).indices  # (H, k)
+        rank_ok = torch.arange(k)[None] < b[:, None]
+        keep.scatter_(1, top, to_device(rank_ok, scores.device) | keep.gather(1, top))
     # Stable sort puts kept positions first in ascending order.
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-    order = order.masked_fill(torch.arange(width, device=scores.device)[None] >= lengths[:, None], 0)
+    order = order.masked_fill(to_device(torch.arange(width)[None] >= lengths[:, None], scores.device), 0)
     return order, lengths

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.device_copy import to_device
 from ..kernels.chunk_select import score_chunks_rows, select_chunks
 from ..kernels.row_copy import copy_rows
 from ..kernels.backend import triton_available
@@ -253,7 +254,7 @@ class DecodePlanner:
         t, dev, h = self._tables, self.device, self.h
         lens = seq_lens_cpu.numpy().astype(np.int64)
         if seq_lens is None:
-            seq_lens = torch.from_numpy(lens).to(dev, non_blocking=True)
+            seq_lens = to_device(lens, dev)
         seq = seq_lens.to(dev).long()
         tail_rows, tail_valid, tail_seq = self._tail_items(rows, lens - t.tail_start, t.tail_start, req_to_token)
         n_layers = self.num_layers
@@ -279,10 +280,9 @@ class DecodePlanner:
         owner = np.repeat(np.arange(len(rows)), tail_len)
         col = np.arange(total) - np.repeat(offsets, tail_len) + np.repeat(tail_start, tail_len)
         row_ids = np.asarray(rows, dtype=np.int64)[owner]
-        as_dev = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True)
+        as_dev = lambda x: to_device(x, dev)
         rtt = req_to_token.device
-        slots = req_to_token[torch.from_numpy(row_ids).to(rtt, non_blocking=True),
-                             torch.from_numpy(col).to(rtt, non_blocking=True)].to(dev).long()
+        slots = req_to_token[to_device(row_ids, rtt), to_device(col, rtt)].to(dev).long()
         if total == 0:
             slots = torch.zeros(1, dtype=torch.long, device=dev)
         heads = np.arange(h)
@@ -316,13 +316,13 @@ class DecodePlanner:
 
         kept_len, buf_len, buf_rows = stack("kept_len", None), stack("buf_len", None), stack("buf_rows", r)
         items = self._prompt_items(stack("kept_rows", p), kept_len, buf_rows, buf_len)
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
+        as_t = lambda xs: to_device(torch.tensor(xs, dtype=torch.long), dev)
         tail_start = np.array([0 if g is None else g.prompt_len for g in regions], dtype=np.int64)
         return _Tables(
-            key=key, **{k: v.to(dev) for k, v in items.items()},
+            key=key, **{k: to_device(v, dev) for k, v in items.items()},
             retrieval=self._retrieval(stack("top_k", None), buf_len, buf_rows, stack("sum_rows", c),
                                       stack("n_chunks", None), stack("host_pages", c), stack("n_host", None)),
-            tail_start=tail_start, tail_start_dev=torch.from_numpy(tail_start).to(dev),
+            tail_start=tail_start, tail_start_dev=to_device(tail_start, dev),
             decode_start=as_t([0 if g is None else g.decode_start for g in regions]),
             interval=as_t([1 if g is None else g.retrieval_interval for g in regions]),
         )
@@ -368,7 +368,7 @@ class DecodePlanner:
             slot_col = torch.arange(k) * c
             row_seq = torch.repeat_interleave(torch.arange(seq.numel()), blen)
             row_col = torch.arange(row_seq.numel()) - (torch.cumsum(blen, 0) - blen)[row_seq]
-            to = lambda x: x.to(dev)
+            to = lambda x: to_device(x, dev)
             out.append(_LayerRetrieval(
                 seq=to(seq), sum_rows=to(sum_rows[l, seq]), n_chunks=to(n_chunks[l, seq]),
                 host_pages=to(host_pages[l, seq]), top_k=to(top_k[l, seq]), k_max=k,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.cache import CompressedLayer
+from ..core.device_copy import to_device
 from ..core.plan import device_rows
 
 
@@ -70,6 +71,11 @@ def host_pages_needed(layers: dict[int, CompressedLayer]) -> int:
     return max((cl.kmin.shape[0] * cl.kmin.shape[1] for cl in layers.values()), default=0)
 
 
+def _dynamic_heads(layer: CompressedLayer) -> torch.Tensor:
+    """``(H_d,)`` long on the host: the layer's dynamic heads, from its plan (``layer.dyn_heads`` is on the device)."""
+    return (~layer.plan.static).nonzero().flatten()
+
+
 def _buffer_len(layer: CompressedLayer) -> int:
     return min(layer.retrieved * layer.chunk_size, layer.k_host.shape[1])
 
@@ -80,8 +86,10 @@ def layout(layers: dict[int, CompressedLayer], slots: torch.Tensor, pages: torch
     num_layers = len(layers)
     first = layers[0]
     h = first.num_heads
-    rows = (slots.long()[:, None] * h + torch.arange(h, device=slots.device)).flatten()
-    p = max(int(cl.dev_len.max()) if h else 0 for cl in layers.values())
+    # Host arithmetic on the plans' host-side lengths and head types; the slots and pages are read once.
+    rows = (slots.cpu().long()[:, None] * h + torch.arange(h)).flatten()
+    pages = pages.cpu().long()
+    p = max(int(cl.plan.keep_len.max()) if h else 0 for cl in layers.values())
     c = max(cl.kmin.shape[1] for cl in layers.values())
     r = max(_buffer_len(cl) for cl in layers.values())
     z = lambda *shape: torch.zeros(*shape, dtype=torch.long)
@@ -91,23 +99,23 @@ def layout(layers: dict[int, CompressedLayer], slots: torch.Tensor, pages: torch
         cl = layers[l]
         if rows_needed(cl) > rows.numel():
             raise ValueError(f"layer {l} needs {rows_needed(cl)} pool rows but {slots.numel()} slots give {rows.numel()}")
-        dev_len = cl.dev_len.cpu().long()
+        dev_len = cl.plan.keep_len.long()
         starts = torch.cumsum(dev_len, 0) - dev_len
         offs = torch.arange(p)[None]
         kept = (starts[:, None] + offs).clamp(max=max(rows.numel() - 1, 0))
-        t.kept_rows[l] = torch.where(offs < dev_len[:, None], rows.cpu()[kept] if rows.numel() else 0, 0)
+        t.kept_rows[l] = torch.where(offs < dev_len[:, None], rows[kept] if rows.numel() else 0, 0)
         t.kept_len[l] = dev_len
-        dyn = cl.dyn_heads.cpu().long()
+        dyn = _dynamic_heads(cl)
         n_dyn, n_c = cl.kmin.shape[0], cl.kmin.shape[1]
         if n_dyn == 0 or n_c == 0:
             continue
         base = int(dev_len.sum())
-        summaries = rows.cpu()[base: base + n_dyn * n_c].view(n_dyn, n_c)
+        summaries = rows[base: base + n_dyn * n_c].view(n_dyn, n_c)
         b = _buffer_len(cl)
-        buffers = rows.cpu()[base + n_dyn * n_c: base + n_dyn * (n_c + b)].view(n_dyn, b)
+        buffers = rows[base + n_dyn * n_c: base + n_dyn * (n_c + b)].view(n_dyn, b)
         t.sum_rows[l, dyn, :n_c] = summaries
         t.n_chunks[l, dyn] = n_c
-        t.host_pages[l, dyn, :n_c] = pages.cpu().long()[: n_dyn * n_c].view(n_dyn, n_c)
+        t.host_pages[l, dyn, :n_c] = pages[: n_dyn * n_c].view(n_dyn, n_c)
         t.n_host[l, dyn] = cl.k_host.shape[1]
         t.buf_rows[l, dyn, :b] = buffers
         t.buf_len[l, dyn] = b
@@ -121,12 +129,15 @@ def write(k_buffer: torch.Tensor, v_buffer: torch.Tensor, layer: CompressedLayer
     d = layer.head_dim
     k_flat, v_flat = k_buffer.view(-1, d), v_buffer.view(-1, d)
     dev = k_flat.device
-    valid = torch.arange(layer.k_dev.shape[1], device=layer.k_dev.device)[None] < layer.dev_len[:, None]
-    idx = tables.kept_rows[layer_id, :, : layer.k_dev.shape[1]].to(layer.k_dev.device)[valid].to(dev)
-    k_flat[idx] = layer.k_dev[valid].to(k_flat.dtype)
-    v_flat[idx] = layer.v_dev[valid].to(v_flat.dtype)
+    # Which (head, position) entries are kept, from the plan's host lengths: indices go to the device, no mask
+    # (a boolean-mask index on a device tensor reads its size back to the host).
+    valid = torch.arange(layer.k_dev.shape[1])[None] < layer.plan.keep_len[:, None]
+    idx = to_device(tables.kept_rows[layer_id, :, : layer.k_dev.shape[1]][valid], dev)
+    head, pos = (to_device(i, layer.k_dev.device) for i in valid.nonzero(as_tuple=True))
+    k_flat[idx] = layer.k_dev[head, pos].to(k_flat.dtype)
+    v_flat[idx] = layer.v_dev[head, pos].to(v_flat.dtype)
     n_dyn, n_c = layer.kmin.shape[0], layer.kmin.shape[1]
     if n_dyn and n_c:
-        rows = tables.sum_rows[layer_id, layer.dyn_heads.cpu().long(), :n_c].flatten().to(dev)
+        rows = to_device(tables.sum_rows[layer_id, _dynamic_heads(layer), :n_c].flatten(), dev)
         k_flat[rows] = layer.kmin.reshape(-1, d).to(k_flat.dtype)
         v_flat[rows] = layer.kmax.reshape(-1, d).to(v_flat.dtype)

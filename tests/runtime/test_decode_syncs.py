@@ -1,66 +1,20 @@
 """A steady decode step reads no device value on the host: the plan is built from host-side lengths
 (``seq_lens_cpu``, the regions' tables), and every layer's retrieval and attention is device work only.
 
-On CPU every tensor is a host tensor, so the test watches what would block a GPU stream: scalar reads
-(``.item()``, ``int()``, ``bool()``), ``.tolist()`` / ``.numpy()`` of any tensor other than the lengths SGLang
-hands over on the host, and ops whose output size depends on device values (``nonzero``, boolean-mask
-indexing, ``repeat_interleave`` without an output size). On a GPU, ``torch.cuda.set_sync_debug_mode`` checks the
-same step for real.
+On CPU the test watches what would block a GPU stream (``tests/host_reads.py``) for every tensor other than the
+lengths SGLang hands over on the host. On a GPU, ``torch.cuda.set_sync_debug_mode`` checks the same step for real.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sglang_hybridkv.config import HybridKVConfig
 from sglang_hybridkv.testing.decode_batch import PoolBatch
+from tests.host_reads import HostReadWatch
 
 D, LAYERS, H, GROUP = 64, 3, 2, 3
-aten = torch.ops.aten
-_DATA_DEPENDENT = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-                   aten.unique_consecutive.default, aten._unique2.default, aten.repeat_interleave.Tensor}
-
-
-class _SyncWatch(TorchDispatchMode):
-    """Records every op that needs a device value on the host."""
-
-    def __init__(self, allowed: tuple[torch.Tensor, ...]) -> None:
-        super().__init__()
-        self.allowed, self.seen = allowed, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _DATA_DEPENDENT and not (func is aten.repeat_interleave.Tensor and kwargs.get("output_size")):
-            self.seen.append(str(func))
-        if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
-                self.seen.append(f"{func} with a boolean mask")
-        return func(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def host_reads(self):
-        """Also record ``.tolist()`` / ``.numpy()`` of tensors other than ``allowed`` (not dispatched ops)."""
-        originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
-
-        def watched(name):
-            def read(t, *a, **k):
-                if not any(t is x for x in self.allowed):
-                    self.seen.append(f"Tensor.{name}")
-                return originals[name](t, *a, **k)
-            return read
-
-        for name in originals:
-            setattr(torch.Tensor, name, watched(name))
-        try:
-            with self:
-                yield self
-        finally:
-            for name, fn in originals.items():
-                setattr(torch.Tensor, name, fn)
 
 
 def _batch(device: str):
@@ -102,7 +56,7 @@ def test_steady_decode_step_reads_no_device_value():
     lens, lens_dev = _next_token(pool, rows, lens)
     _decode(pool, rows, lens, lens_dev, q)  # first step on this batch: tables built from the regions
     lens, lens_dev = _next_token(pool, rows, lens)
-    watch = _SyncWatch(allowed=(lens,))
+    watch = HostReadWatch(allowed=(lens,))
     with watch.host_reads():
         _decode(pool, rows, lens, lens_dev, q)
     assert pool.planner.table_builds == 1
@@ -113,11 +67,12 @@ def test_steady_decode_step_reads_no_device_value():
 def test_the_watch_sees_a_host_read():
     """The watch itself catches what the decode path must not do (so the test above can fail)."""
     x = torch.arange(5)
-    watch = _SyncWatch(allowed=())
+    watch = HostReadWatch()
     with watch.host_reads():
-        int(x.max()), x.tolist(), x[x > 2], torch.nonzero(x), torch.repeat_interleave(x, x)
+        int(x.max()), x.tolist(), x[x > 2], torch.nonzero(x), torch.repeat_interleave(x, x), x.cpu()
     assert watch.seen == ["aten._local_scalar_dense.default", "Tensor.tolist",
-                          "aten.index.Tensor with a boolean mask", "aten.nonzero.default", "aten.repeat_interleave.Tensor"]
+                          "aten.index.Tensor with a boolean mask", "aten.nonzero.default", "aten.repeat_interleave.Tensor",
+                          "Tensor.cpu"]
 
 
 @pytest.mark.gpu

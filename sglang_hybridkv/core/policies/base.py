@@ -16,6 +16,7 @@ import torch
 from ...config import HybridKVConfig
 from ..budget import HeadBudget, allocate, media_rows
 from ..classify import concentration
+from ..device_copy import to_device
 from ..plan import LayerPlan, LayerStats
 from ..select import always_kept, pool_scores, select_tokens
 from ..shard import gather_heads
@@ -53,31 +54,39 @@ class CompressionPolicy:
                need: torch.Tensor, rows: float) -> HeadBudget:
         """Revise head types once the budget is known; the default keeps it.
 
-        ``budget`` and ``need`` cover every head of the layer (all ranks'); ``scores`` (``(h, L)`` pooled) and
-        ``stats`` this rank's heads: what a revision needs from the other ranks it gathers (``stats.shard``),
+        ``budget`` and ``need`` cover every head of the layer (all ranks', on the host); ``media_idx`` is on the
+        keys' device; ``scores`` (``(h, L)`` pooled) and ``stats`` this rank's heads: what a revision needs from the other ranks it gathers (``stats.shard``),
         and every rank takes the same branches, so the collectives match."""
         return budget
 
     # ---- shared mechanics ---------------------------------------------------------------------------
     def plan(self, stats: LayerStats) -> LayerPlan:
-        """Decide what each head of one layer keeps. See :class:`LayerPlan`."""
+        """Decide what each head of one layer keeps. See :class:`LayerPlan`.
+
+        What depends on the media mask alone is host arithmetic; the device values the decisions need (each
+        head's θ-mass count and type, and in :meth:`settle` the coverages) come to the host in one read each, so
+        on a GPU a layer's plan waits for the device once (twice where :meth:`settle` compares coverages)."""
         c = self.config
         h = stats.num_kv_heads
         keep_always = always_kept(stats.media_mask, c.sink, c.recent)
         media_idx = (~keep_always).nonzero().flatten()
         n_media = media_idx.numel()
         probs = stats.window_probs
+        dev = stats.keys.device if stats.keys is not None else probs.device if probs is not None else "cpu"
+        media_dev = to_device(media_idx, dev)
         # Rows and shares count every head of the layer (all ranks'): the allocation is global.
         rows = media_rows(c.budget, c.budget_unit, keep_always.numel(), n_media, keep_always.numel() - n_media,
                           stats.all_kv_heads)
-        need = concentration(probs, media_idx, h, c.theta) if n_media else torch.zeros(h, dtype=torch.long)
-        static = self.head_types(stats, media_idx, need, int(rows // stats.all_kv_heads)).cpu()
+        need = concentration(probs, media_dev, h, c.theta) if n_media else torch.zeros(h, dtype=torch.long, device=dev)
+        static = self.head_types(stats, media_dev, need, int(rows // stats.all_kv_heads))
+        static, need = torch.stack([static.to(need.device, torch.long), need]).cpu()  # the one read
+        static = static.bool()
         if stats.prior is None:
             scores = head_scores(probs, h, c, forward_reach(c, stats.media_mask))
         else:
             scores = stats.prior[None].expand(h, -1).float()
-        static_all, need_all = gather_heads(stats.shard, static, need.cpu())
-        budget = self.settle(stats, self.budgets(static_all, need_all, n_media, rows), scores, media_idx, need_all,
+        static_all, need_all = gather_heads(stats.shard, static, need)
+        budget = self.settle(stats, self.budgets(static_all, need_all, n_media, rows), scores, media_dev, need_all,
                              rows)
         if stats.shard is not None:  # this rank's heads of the all-heads budget
             budget = HeadBudget(stats.shard.local(budget.static), stats.shard.local(budget.tokens), budget.top_k)
@@ -85,7 +94,7 @@ class CompressionPolicy:
         per_head = torch.where(static, budget.tokens, torch.zeros_like(budget.tokens))
         keep_idx, keep_len = select_tokens(scores, keep_always, per_head)
         host_idx = media_idx if bool((~static).any()) else media_idx[:0]
-        return LayerPlan(static, keep_idx, keep_len, host_idx, budget.top_k, c.chunk_size, need.cpu())
+        return LayerPlan(static, keep_idx, keep_len, host_idx, budget.top_k, c.chunk_size, need)
 
     @cached_property
     def head_profile(self) -> list[list[bool]] | None:

@@ -47,12 +47,12 @@ class HybridKVPolicy(CompressionPolicy):
             raise ValueError("hybridkv needs the window queries and prompt keys (core.compress.plan_layer passes them)")
         c = self.config
         h = stats.num_kv_heads
-        idx = media_idx.to(stats.keys.device)
-        probs = media_mass(stats.window_probs, idx)
-        kept = static_coverage(probs, scores.index_select(1, idx), int(rows // stats.all_kv_heads), h)
-        got = retrieval_coverage(probs, stats.queries, stats.keys.index_select(1, idx), budget.top_k, c.chunk_size,
+        probs = media_mass(stats.window_probs, media_idx)
+        kept = static_coverage(probs, scores.index_select(1, media_idx), int(rows // stats.all_kv_heads), h)
+        got = retrieval_coverage(probs, stats.queries, stats.keys.index_select(1, media_idx), budget.top_k, c.chunk_size,
                                  c.chunk_score_scale)
-        kept, got = gather_heads(stats.shard, kept.cpu(), got.cpu())  # every head's, as one rank computes them
+        kept, got = torch.stack([kept, got.to(kept.dtype)]).cpu()  # one read of the device for both
+        kept, got = gather_heads(stats.shard, kept, got)  # every head's, as one rank computes them
         unpaid = dynamic & (got <= kept)
         if not bool(unpaid.any()):
             return budget
