@@ -81,7 +81,7 @@ def plan_layer(policy: CompressionPolicy, q_window: torch.Tensor | None, keys: t
         q_window: ``(Hq, w, D)`` post-RoPE queries of the prompt's last ``w`` positions (the observation
             window; ``w`` is the caller's clamped window); may be None when ``policy.needs_window`` is False.
         keys: ``(H, L, D)`` post-RoPE prompt keys of the layer.
-        media_mask: ``(L,)`` bool from :func:`prompt_media_mask`.
+        media_mask: ``(L,)`` bool on the host, from :func:`prompt_media_mask`.
         layer_idx: the layer's index (head profiles are per layer).
         scaling: softmax scale of the layer.
         shard: under tensor parallelism, this rank's slice of the KV heads (``q_window`` and ``keys`` hold
