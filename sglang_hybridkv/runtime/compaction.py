@@ -240,9 +240,13 @@ class Commit:
         allocator: SGLang's token-slot allocator (its KV cache is the pool the regions live in).
         req_to_token_pool: SGLang's ``ReqToTokenPool`` (its aux cache is ``regions``).
         tree_cache: SGLang's prefix cache; when on, it owns the prompt's staging slots and is evicted for room.
+        keep_free: slots the pool must still be able to give (free or evictable) after a region takes its own:
+            SGLang allocates the next chunk of a chunked prompt without checking the pool (it counted those
+            tokens when it admitted the request), so a region that took them would make that chunk fail.
     """
 
-    def __init__(self, allocator, req_to_token_pool, regions: Regions, tree_cache) -> None:
+    def __init__(self, allocator, req_to_token_pool, regions: Regions, tree_cache, keep_free: int = 0) -> None:
+        self.keep_free = keep_free
         self.allocator = allocator
         self.req_to_token_pool = req_to_token_pool
         self.kv_pool = allocator.get_kvcache()
@@ -283,8 +287,10 @@ class Commit:
         staging = req_to_token[e.row, : h.prompt_len].clone()
         slots = self._take_slots(e, staging, n_slots, held)
         if slots is None:
+            chunk = f" and keeping {self.keep_free} slots for SGLang's next prompt chunk" if self.keep_free else ""
             logger.warning("hybridkv: request %s stays uncompressed: the pool has no room for its compressed "
-                           "form, even after evicting radix-cache entries (budget %.2f)", h.rid, h.config.budget)
+                           "form, even after evicting radix-cache entries%s (budget %.2f)", h.rid, chunk,
+                           h.config.budget)
             h.stats = {**_plan_stats(h, e, shard), "compressed": False, "host_tier_fallback": fallback}
             return
         pages = host.alloc(pool_region.host_pages_needed(e.layers))
@@ -345,11 +351,11 @@ class Commit:
         freed first."""
         allocator = self.allocator
         if self.radix:  # the tree takes the prompt's slots over when SGLang processes this result
-            return held.take(_alloc(allocator, self.tree_cache, n))
+            return held.take(_alloc(allocator, self.tree_cache, n, self.keep_free))
         p = staging.numel()
         extra = None
         if n > p:  # budgets near 1.0: summaries and buffers outgrow the prompt's own slots
-            extra = held.take(_alloc(allocator, self.tree_cache, n - p))
+            extra = held.take(_alloc(allocator, self.tree_cache, n - p, self.keep_free))
             if extra is None:
                 return None
         # Zero the row first: whatever SGLang frees from this row later skips these positions (slot 0 is
@@ -399,10 +405,14 @@ def _inject(stage: str, rid: str) -> None:
             raise RuntimeError(f"fault injected by {FAULT_ENV}={item}")
 
 
-def _alloc(allocator, tree_cache, n: int) -> torch.Tensor | None:
-    """``n`` pool slots, evicting unlocked radix-cache entries if needed; None if the pool has no room."""
+def _alloc(allocator, tree_cache, n: int, keep: int = 0) -> torch.Tensor | None:
+    """``n`` pool slots, evicting unlocked radix-cache entries if needed; None if the pool has no room for them
+    with ``keep`` slots still free or evictable afterwards."""
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
+    evictable = tree_cache.evictable_size() if tree_cache is not None else 0
+    if allocator.available_size() + evictable - n < keep:
+        return None
     slots = allocator.alloc(n)
     if slots is None and tree_cache is not None:
         allocator.evict_to_free_tokens(tree_cache, n)

@@ -110,8 +110,10 @@ def _commit(self, batch, result) -> None:
     copy_done = getattr(result, "copy_done", None)
     if copy_done is not None:  # the forward (and so its compact copies) is complete
         copy_done.synchronize()
+    # SGLang allocates its chunked prompt's next chunk unchecked: the regions must leave room for it.
+    next_chunk = (self.chunked_prefill_size or 0) if getattr(self, "chunked_req", None) is not None else 0
     Commit(self.token_to_kv_pool_allocator, self.req_to_token_pool, _regions(self.req_to_token_pool),
-           self.tree_cache).run(batch.reqs)
+           self.tree_cache, keep_free=next_chunk).run(batch.reqs)
 
 
 def _commit_before_scheduling(self, *args, **kwargs):

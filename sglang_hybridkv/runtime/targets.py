@@ -70,6 +70,11 @@ TARGETS: dict[str, str] = {
         "(gloo; with world_size, rank_in_group)",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.evict_to_free_tokens":
         "used: evict radix entries to make room for a compressed region",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.available_size":
+        "used: a region leaves room for the next chunk of SGLang's chunked prompt (instance attributes also "
+        "read: Scheduler.chunked_req, Scheduler.chunked_prefill_size)",
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.evictable_size":
+        "used: with available_size, what the pool can still give after a region takes its slots",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.build_additional_customized_info":
         "REPLACE: emit meta_info['hybridkv']",
     "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key":
