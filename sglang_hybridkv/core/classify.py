@@ -56,18 +56,21 @@ def concentration(window_probs: torch.Tensor, media_idx: torch.Tensor, num_kv_he
 
 
 def classify_static(window_probs: torch.Tensor, media_idx: torch.Tensor, num_kv_heads: int, theta: float,
-                    share: int, method: str = "mass") -> torch.Tensor:
+                    share: int, method: str = "mass", need: torch.Tensor | None = None) -> torch.Tensor:
     """``(num_kv_heads,)`` bool: True where the head is static.
 
     Args:
         share: media tokens per head the budget would give (``budget * n_media``).
         method: "mass" (reference), "entropy" or "topk_mass".
+        need: ``(num_kv_heads,)`` :func:`concentration` of the same inputs when the caller already has it (the
+            "mass" rule then does not compute it again).
     """
     n_media = media_idx.numel()
     if n_media == 0:
         return torch.ones(num_kv_heads, dtype=torch.bool, device=window_probs.device)
     if method == "mass":
-        need = concentration(window_probs, media_idx, num_kv_heads, theta)
+        if need is None:
+            need = concentration(window_probs, media_idx, num_kv_heads, theta)
         return need <= share
     if method == "entropy":
         p = media_mass(window_probs.mean(1), media_idx)

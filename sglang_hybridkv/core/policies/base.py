@@ -55,8 +55,9 @@ class CompressionPolicy:
         """Revise head types once the budget is known; the default keeps it.
 
         ``budget`` and ``need`` cover every head of the layer (all ranks', on the host); ``media_idx`` is on the
-        keys' device; ``scores`` (``(h, L)`` pooled) and ``stats`` this rank's heads: what a revision needs from the other ranks it gathers (``stats.shard``),
-        and every rank takes the same branches, so the collectives match."""
+        keys' device; ``scores`` (``(h, L)`` pooled) and ``stats`` this rank's heads: what a revision needs from
+        the other ranks it gathers (``stats.shard``), and every rank takes the same branches, so the collectives
+        match."""
         return budget
 
     # ---- shared mechanics ---------------------------------------------------------------------------

@@ -33,10 +33,8 @@ class HybridKVPolicy(CompressionPolicy):
         if fixed is not None:
             return fixed
         c = self.config
-        if c.classifier == "mass":  # the reference rule on the θ-mass counts ``plan`` computed (no second sort)
-            return need <= max(1, share)
         return classify_static(stats.window_probs, media_idx, stats.num_kv_heads, c.theta, max(1, share),
-                               c.classifier)
+                               c.classifier, need)  # ``need``: plan's θ-mass counts, not sorted again
 
     def settle(self, stats: LayerStats, budget: HeadBudget, scores: torch.Tensor, media_idx: torch.Tensor,
                need: torch.Tensor, rows: float) -> HeadBudget:
